@@ -1,0 +1,243 @@
+"""The set of `ollama serve` children, and which child owns which model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import psutil
+
+from llmd.config import BackendConfig, Config, diff_backends, normalize_model
+from llmd.process import CHILD_MARKER, Child, SpawnFn, default_spawn
+
+log = logging.getLogger("llmd.backends")
+
+TAGS_TIMEOUT_S = 5.0
+# An unknown model triggers at most one fresh /api/tags scan per this many seconds.
+TAGS_REFRESH_MIN_S = 1.0
+
+StartTask = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+
+
+class Backends:
+    """Owns every Child, starts and stops them, and places models on them."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        session: aiohttp.ClientSession,
+        start_task: StartTask,
+        spawn: SpawnFn = default_spawn,
+        on_exit: Callable[[Child, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.instance = str(cfg.daemon.admin_socket)
+        self._session = session
+        self._start_task = start_task
+        self._spawn = spawn
+        self._on_exit = on_exit
+        self.children: dict[str, Child] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tags: dict[str, list[dict[str, Any]]] = {}
+        self._tags_at = 0.0
+
+    # -- lifecycle of the children ----------------------------------------------------------------
+
+    def stop_stale(self) -> None:
+        """Stop children an earlier llmd left behind (blocking: run it in a thread)."""
+        for b in self.cfg.backends:
+            stop_stale_children(b, self.instance)
+
+    def start(self) -> None:
+        """Start a supervisor per backend."""
+        for b in self.cfg.backends:
+            self._start_one(b)
+
+    def _start_one(self, b: BackendConfig) -> None:
+        child = Child(
+            b,
+            instance=self.instance,
+            session=self._session,
+            spawn=self._spawn,
+            on_exit=self._on_exit,
+        )
+        self.children[b.name] = child
+        self._tasks[b.name] = self._start_task(child.supervise(), f"supervise-{b.name}")
+
+    async def wait_settled(self) -> None:
+        """Wait until every child is ready or has failed its first start."""
+        await asyncio.gather(*(c.wait_settled() for c in self.children.values()))
+
+    async def stop_all(self) -> None:
+        """Stop every child in parallel."""
+        await asyncio.gather(*(c.stop() for c in self.children.values()))
+
+    async def apply(self, new: Config) -> list[str]:
+        """Apply a reloaded config as a diff; an unchanged backend keeps its process."""
+        added, changed, removed = diff_backends(self.cfg, new)
+        self.cfg = new
+        notes = []
+        for b in removed + changed:
+            child = self.children.pop(b.name)
+            await child.stop()
+            self._tasks.pop(b.name, None)
+            self._tags.pop(b.name, None)
+        for b in changed + added:
+            self._start_one(b)
+        for b in added:
+            notes.append(f"backend {b.name} added")
+        for b in changed:
+            notes.append(f"backend {b.name} restarted with its new settings")
+        for b in removed:
+            notes.append(f"backend {b.name} removed")
+        # Children keep their Config objects, but unchanged ones compare equal: refresh them.
+        for b in new.backends:
+            if b.name in self.children:
+                self.children[b.name].cfg = b
+        return notes
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def first_running(self) -> Child | None:
+        """The first running child in config order."""
+        for b in self.cfg.backends:
+            c = self.children.get(b.name)
+            if c is not None and c.running:
+                return c
+        return None
+
+    def first(self) -> Child:
+        """The first child in config order, running or not."""
+        return self.children[self.cfg.backends[0].name]
+
+    def configured_owner(self, model: str) -> Child | None:
+        """The child a [[model]] entry names, if any."""
+        m = self.cfg.model(model)
+        if m is not None and m.backend is not None:
+            return self.children.get(m.backend)
+        return None
+
+    async def locate(self, model: str) -> Child | None:
+        """The child owning a model: its configured backend, else the first that has it pulled."""
+        model = normalize_model(model)
+        owner = self.configured_owner(model)
+        if owner is not None:
+            return owner
+        found = self._from_tags(model)
+        if found is None and time.monotonic() - self._tags_at >= TAGS_REFRESH_MIN_S:
+            await self.refresh_tags()
+            found = self._from_tags(model)
+        if found is None and self.cfg.model(model) is not None:
+            return self.first()  # configured without a backend: the first one serves it
+        return found
+
+    def _from_tags(self, model: str) -> Child | None:
+        for b in self.cfg.backends:
+            if any(t.get("name") == model for t in self._tags.get(b.name, [])):
+                return self.children.get(b.name)
+        return None
+
+    async def refresh_tags(self) -> None:
+        """Re-read /api/tags from every running child."""
+        self._tags_at = time.monotonic()
+        results = await asyncio.gather(
+            *(self.fetch_json(c, "/api/tags") for c in self.children.values() if c.running),
+            return_exceptions=True,
+        )
+        running = [c for c in self.children.values() if c.running]
+        for child, res in zip(running, results, strict=True):
+            if isinstance(res, dict):
+                self._tags[child.name] = list(res.get("models") or [])
+
+    def tags(self, backend: str) -> list[dict[str, Any]]:
+        """The last /api/tags models seen on a backend."""
+        return self._tags.get(backend, [])
+
+    async def fetch_json(self, child: Child, path: str) -> Any:
+        """GET a JSON document from a child."""
+        async with self._session.get(
+            child.url + path, timeout=aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
+        ) as r:
+            r.raise_for_status()
+            return await r.json(content_type=None)
+
+
+def stop_stale_children(b: BackendConfig, instance: str) -> None:
+    """Stop children an earlier llmd left behind on this backend's port or under its name."""
+    marker = f"{instance}:{b.name}"
+    for proc in _stale_candidates(b.port):
+        try:
+            env_marker = proc.environ().get(CHILD_MARKER)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env_marker is None:
+            try:
+                who = " ".join(proc.cmdline()) or proc.name()
+            except psutil.Error:
+                who = "?"
+            log.error(
+                "backend %s: port %d is held by pid %d (%s), which llmd did not start; "
+                "stop it or change backend.port",
+                b.name,
+                b.port,
+                proc.pid,
+                who,
+            )
+            continue
+        if env_marker != marker and not env_marker.startswith(f"{instance}:"):
+            continue
+        log.warning(
+            "backend %s: stopping stale child pid %d left by an earlier llmd", b.name, proc.pid
+        )
+        _kill_group(proc)
+
+
+def _stale_candidates(port: int) -> list[psutil.Process]:
+    """Processes listening on the port."""
+    pids: set[int] = set()
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                pids.add(c.pid)
+    except psutil.AccessDenied:
+        return []
+    procs = []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    return procs
+
+
+def _kill_group(proc: psutil.Process) -> None:
+    """SIGTERM a stale child's process group, SIGKILL what is left after a few seconds."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    targets = [proc]
+    try:
+        targets += proc.children(recursive=True)
+    except psutil.Error:
+        pass
+    try:
+        os.killpg(pgid, signal.SIGTERM) if pgid != os.getpgid(0) else proc.terminate()
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, alive = psutil.wait_procs(targets, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)

@@ -1,0 +1,244 @@
+"""llmctl: one subcommand, one admin request; tables for people, --json for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from llmd import __version__
+from llmd.client import AdminClient, DaemonError, Unreachable
+
+EXIT_OK, EXIT_DAEMON, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _mib(n: int | None) -> str:
+    return "-" if not n else f"{n / 1024**2:,.0f} MiB"
+
+
+def _secs(s: float | None) -> str:
+    if s is None:
+        return "forever"
+    if s >= 3600:
+        return f"{s / 3600:.1f}h"
+    if s >= 60:
+        return f"{s / 60:.1f}m"
+    return f"{s:.0f}s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain, aligned text table."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells
+    )
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    lines = [
+        f"llmd {doc['version']} (pid {doc['pid']}, up {_secs(doc['uptime_s'])}): {doc['summary']}",
+        f"proxy {doc['proxy']['listen']}   config {doc['config']}",
+    ]
+    store = doc.get("store") or {}
+    if store.get("degraded"):
+        lines.append(f"store DEGRADED: {store['degraded']}")
+    lines += [
+        "",
+        table(
+            ["BACKEND", "STATE", "PID", "PORT", "RESTARTS", "ERROR"],
+            [
+                [b["name"], b["state"], b["pid"], b["port"], b["restarts"], b["error"] or ""]
+                for b in doc["backends"]
+            ],
+        ),
+    ]
+    gpu = doc.get("gpu")
+    if gpu:
+        lines += [
+            "",
+            f"GPU probe: {gpu.get('probe')}"
+            + (f" (error: {gpu['error']})" if gpu.get("error") else ""),
+        ]
+        devs = gpu.get("devices") or []
+        if devs:
+            lines.append(
+                table(
+                    ["GPU", "NAME", "USED", "TOTAL"],
+                    [
+                        [
+                            d["index"],
+                            d["name"],
+                            _mib(d.get("used_bytes")),
+                            _mib(d.get("total_bytes")),
+                        ]
+                        for d in devs
+                    ],
+                )
+            )
+    loaded = [m for m in doc["models"] if m["state"] != "unloaded"]
+    if loaded:
+        lines += ["", render_models(loaded)]
+    return "\n".join(lines)
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    rows = []
+    for m in models:
+        basis = m.get("keep_alive_source") or ""
+        if m.get("keep_alive_samples"):
+            basis += f", n={m['keep_alive_samples']}"
+        if m.get("keep_alive_percentile") is not None:
+            basis += f", p{m['keep_alive_percentile']:g}"
+        rows.append(
+            [
+                m["name"],
+                m["backend"],
+                m["state"],
+                m["priority"],
+                "yes" if m["pinned"] else "",
+                m["in_flight"],
+                _mib(m["size_vram"]),
+                f"{_secs(m['keep_alive_s'])} ({basis})",
+                "-" if m.get("expires_in_s") is None else _secs(m["expires_in_s"]),
+            ]
+        )
+    return table(
+        ["MODEL", "BACKEND", "STATE", "PRIO", "PINNED", "BUSY", "VRAM", "KEEP-ALIVE", "UNLOAD IN"],
+        rows,
+    )
+
+
+def render_events(events: list[dict[str, Any]]) -> str:
+    import datetime as dt
+
+    return table(
+        ["TIME", "EVENT", "MODEL", "BACKEND", "REASON"],
+        [
+            [
+                dt.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S"),
+                e["kind"],
+                e.get("model"),
+                e.get("backend"),
+                e.get("reason", ""),
+            ]
+            for e in events
+        ],
+    )
+
+
+Command = Callable[[AdminClient, argparse.Namespace], Coroutine[Any, Any, tuple[Any, str]]]
+
+
+async def _status(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.status()
+    return doc, render_status(doc)
+
+
+async def _models(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.models()
+    return doc, render_models(doc["models"]) if doc["models"] else "no models"
+
+
+async def _load(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.load(a.model)
+    took = f" in {doc['load_s']:.1f}s" if doc.get("load_s") is not None else ""
+    return doc, f"{doc['model']} loaded on {doc['backend']}{took}"
+
+
+async def _unload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.unload(a.model)
+    return doc, f"{doc['model']}: {doc['outcome']}"
+
+
+async def _pin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.pin(a.model)
+    return doc, f"{doc['model']} pinned: it stays loaded until unpinned"
+
+
+async def _unpin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.unpin(a.model)
+    return doc, f"{doc['model']} unpinned"
+
+
+async def _restart(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.restart(a.backend)
+    return doc, f"backend {doc['backend']}: {doc['outcome']}"
+
+
+async def _reload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.reload()
+    return doc, "reloaded" + "".join(f"\n  {n}" for n in doc["changes"])
+
+
+async def _events(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.events(limit=a.limit, model=a.model)
+    return doc, render_events(doc["events"]) if doc["events"] else "no events"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmctl", description="Control a running llmd.")
+    ap.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="admin socket (default $LLMD_SOCKET or /run/llmd/admin.sock)",
+    )
+    ap.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    ap.add_argument("--version", action="version", version=f"llmctl {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        # Accept --json after the subcommand too, as people type it.
+        p.add_argument(
+            "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        return p
+
+    cmd("status", _status, "daemon, backends, GPU and loaded models")
+    cmd("models", _models, "every known model with its state and keep-alive")
+    for name, fn, help in (
+        ("load", _load, "load a model now"),
+        ("unload", _unload, "unload a model (once its requests finish)"),
+        ("pin", _pin, "keep a model loaded until unpinned (survives restarts)"),
+        ("unpin", _unpin, "let a pinned model unload again"),
+    ):
+        cmd(name, fn, help).add_argument("model", help="model name or alias")
+    cmd("restart", _restart, "restart a backend (also retries a FATAL one)").add_argument(
+        "backend", help="backend name"
+    )
+    cmd("reload", _reload, "re-read the config file (like systemctl reload llmd)")
+    p = cmd("events", _events, "recent loads, unloads, evictions, crashes and reloads")
+    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.add_argument("--model", help="only this model's events")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `llmctl`."""
+    ap = build_parser()
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) and EXIT_USAGE
+    client = AdminClient(args.socket)
+    try:
+        doc, text = asyncio.run(args.fn(client, args))
+    except Unreachable as e:
+        print(f"llmctl: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except DaemonError as e:
+        print(f"llmctl: {e.message}", file=sys.stderr)
+        return EXIT_DAEMON
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(doc, indent=2) if args.json else text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""The daemon's configuration: frozen dataclasses read from TOML and validated whole."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_PATH = Path("/etc/llmd/llmd.toml")
+FIRST_BACKEND_PORT = 11435
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming the file and the dotted key."""
+
+    def __init__(self, file: str | Path, key: str, why: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.why = why
+        super().__init__(f"{self.file}: {key}: {why}" if key else f"{self.file}: {why}")
+
+
+# -- value parsers shared with the proxy (Ollama's keep_alive) ------------------------------------
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string ("10m", "1h30m", "-1m", "0"), as time.ParseDuration."""
+    s = text.strip()
+    sign = 1.0
+    if s[:1] in "+-" and s:
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError(f'time: invalid duration "{text}"')
+    total, pos = 0.0, 0
+    while pos < len(s):
+        m = _GO_PART.match(s, pos)
+        if m is None:
+            if re.fullmatch(r"\d+(\.\d*)?", s[pos:]):
+                raise ValueError(f'time: missing unit in duration "{text}"')
+            raise ValueError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a config duration: a number of seconds or a Go duration string."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 10m or 1h, or a number of seconds")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return parse_go_duration(value)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"expected a duration such as 30s, 10m or 1h, or a number of seconds, got {value!r}"
+    )
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from a size: an integer number of bytes or a string such as 32MiB or 24GB."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512MiB or 24GiB, or a number of bytes")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError(
+        f"expected a size such as 512MiB or 24GiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        f", got {value!r}"
+    )
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's canonical model name: a missing tag becomes ":latest" (server/routes.go)."""
+    name = name.strip()
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+# -- the config tree ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: where state and the admin socket live, logging, shutdown."""
+
+    state_dir: Path = Path("/var/lib/llmd")
+    admin_socket: Path = Path("/run/llmd/admin.sock")
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0
+    retention_days: int = 14
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """[proxy]: the Ollama-compatible port applications talk to."""
+
+    listen: str = "127.0.0.1:11434"
+    max_body_size: int = 32 * 1024**2
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class KeepAliveConfig:
+    """[keep_alive]: how long an idle model stays loaded."""
+
+    policy: str = "adaptive"
+    default: float = 600.0
+    min: float = 60.0
+    max: float = 4 * 3600.0
+    beta: float = 0.01
+    prewarm: bool = False
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    """[gpu]: how GPU memory is measured and how much of it llmd may fill."""
+
+    probe: str = "auto"
+    interval: float = 2.0
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+    reserve: int = 512 * 1024**2
+    total: int | None = None
+    admission_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One [[backend]]: an `ollama serve` child."""
+
+    name: str
+    port: int
+    command: tuple[str, ...] = ("ollama", "serve")
+    gpus: tuple[int, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    start_timeout: float = 60.0
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One [[model]]: placement, priority and keep-alive of a model."""
+
+    name: str
+    backend: str | None = None
+    priority: int = 5
+    pin: bool = False
+    preload: bool = False
+    # None: follow [keep_alive] policy; "adaptive": learned; a number: fixed seconds.
+    keep_alive: float | str | None = None
+    aliases: tuple[str, ...] = ()
+    preempt: bool = False
+    allow_cpu_spill: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, validated."""
+
+    path: Path
+    daemon: DaemonConfig
+    proxy: ProxyConfig
+    keep_alive: KeepAliveConfig
+    gpu: GpuConfig
+    backends: tuple[BackendConfig, ...]
+    models: tuple[ModelConfig, ...]
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The [[model]] entry for a canonical model name, if configured."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def backend(self, name: str) -> BackendConfig | None:
+        """The [[backend]] entry with this name, if any."""
+        for b in self.backends:
+            if b.name == name:
+                return b
+        return None
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> canonical model name."""
+        return {a: m.name for m in self.models for a in m.aliases}
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+class _Section:
+    """Typed reads from one TOML table that report errors with the dotted key."""
+
+    def __init__(self, file: Path, prefix: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(file, prefix, f"expected a table, got {type(table).__name__}")
+        self.file, self.prefix, self.table = file, prefix, dict(table)
+        self.seen: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.prefix}.{k}" if self.prefix else k
+
+    def fail(self, k: str, why: str) -> ConfigError:
+        return ConfigError(self.file, self.key(k), why)
+
+    def get(self, k: str, default: T, conv: Callable[[object], T]) -> T:
+        self.seen.add(k)
+        if k not in self.table:
+            return default
+        try:
+            return conv(self.table[k])
+        except (ValueError, TypeError) as e:
+            raise self.fail(k, str(e)) from None
+
+    def require(self, k: str, conv: Callable[[object], T]) -> T:
+        if k not in self.table:
+            raise self.fail(k, "is required")
+        return self.get(k, None, conv)  # type: ignore[arg-type]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen))
+            raise self.fail(unknown[0], f"unknown key (known keys here: {known})")
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {v!r}")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"expected an integer, got {v!r}")
+    return v
+
+
+def _fraction(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
+        raise ValueError(f"expected a fraction between 0 and 1, got {v!r}")
+    return float(v)
+
+
+def _positive_duration(v: object) -> float:
+    s = parse_duration(v)
+    if s <= 0:
+        raise ValueError(f"expected a positive duration, got {v!r}")
+    return s
+
+
+def _str_list(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"expected a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _listen(v: object) -> str:
+    s = _str(v)
+    host, sep, port = s.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:11434, got {s!r}")
+    return s
+
+
+def _port(v: object) -> int:
+    p = _int(v)
+    if not 0 < p < 65536:
+        raise ValueError(f"expected a TCP port 1-65535, got {p}")
+    return p
+
+
+def _gpus(v: object) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and x >= 0 for x in v):
+        raise TypeError(f"expected a list of GPU indexes such as [0, 1], got {v!r}")
+    return tuple(v)
+
+
+def _env(v: object) -> dict[str, str]:
+    if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+        raise TypeError(f'expected a table of strings such as {{OLLAMA_MODELS = "/x"}}, got {v!r}')
+    return dict(v)
+
+
+def _command(v: object) -> tuple[str, ...]:
+    cmd = _str_list(v)
+    if not cmd:
+        raise ValueError('expected a non-empty command such as ["ollama", "serve"]')
+    return cmd
+
+
+def _model_keep_alive(v: object) -> float | str:
+    if v == "adaptive":
+        return "adaptive"
+    s = parse_duration(v)
+    if s < 0:
+        raise ValueError('expected "adaptive" or a duration >= 0 (use pin = true to never unload)')
+    return s
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def conv(v: object) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return str(v)
+
+    return conv
+
+
+def _read_dataclass(file: Path, prefix: str, table: object, cls: type[T], **convs: Any) -> T:
+    sec = _Section(file, prefix, table)
+    kwargs = {}
+    defaults = cls()  # type: ignore[call-arg]
+    for f in fields(cls):  # type: ignore[arg-type]
+        kwargs[f.name] = sec.get(f.name, getattr(defaults, f.name), convs[f.name])
+    sec.done()
+    return cls(**kwargs)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the config file; raise ConfigError naming the first problem."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found") from None
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"invalid TOML: {e}") from None
+    return from_dict(raw, file)
+
+
+def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
+    """Validate a parsed TOML document into a Config."""
+    top = _Section(file, "", raw)
+    daemon = _read_dataclass(
+        file,
+        "daemon",
+        top.get("daemon", {}, lambda v: v),
+        DaemonConfig,
+        state_dir=lambda v: Path(_str(v)),
+        admin_socket=lambda v: Path(_str(v)),
+        log_level=_choice("debug", "info", "warning", "error"),
+        shutdown_timeout=_positive_duration,
+        retention_days=_int,
+    )
+    proxy = _read_dataclass(
+        file,
+        "proxy",
+        top.get("proxy", {}, lambda v: v),
+        ProxyConfig,
+        listen=_listen,
+        max_body_size=parse_size,
+    )
+    keep_alive = _read_dataclass(
+        file,
+        "keep_alive",
+        top.get("keep_alive", {}, lambda v: v),
+        KeepAliveConfig,
+        policy=_choice("adaptive", "fixed"),
+        default=_positive_duration,
+        min=_positive_duration,
+        max=_positive_duration,
+        beta=lambda v: float(_positive_number(v)),
+        prewarm=_bool,
+    )
+    gpu = _read_dataclass(
+        file,
+        "gpu",
+        top.get("gpu", {}, lambda v: v),
+        GpuConfig,
+        probe=_choice("auto", "nvml", "nvidia-smi", "ollama", "none"),
+        interval=_positive_duration,
+        high_watermark=_fraction,
+        low_watermark=_fraction,
+        reserve=parse_size,
+        total=parse_size,
+        admission_timeout=_positive_duration,
+    )
+    backend_tables = top.get("backend", [], _table_list)
+    model_tables = top.get("model", [], _table_list)
+    top.done()
+
+    backends = tuple(_read_backend(file, i, t) for i, t in enumerate(backend_tables))
+    if not backends:
+        backends = (BackendConfig(name="default", port=FIRST_BACKEND_PORT),)
+    models = tuple(_read_model(file, i, t) for i, t in enumerate(model_tables))
+    cfg = Config(file, daemon, proxy, keep_alive, gpu, backends, models)
+    _check_whole(cfg)
+    return cfg
+
+
+def _positive_number(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError(f"expected a positive number, got {v!r}")
+    return float(v)
+
+
+def _table_list(v: object) -> list[object]:
+    if not isinstance(v, list):
+        raise TypeError("expected an array of tables ([[...]])")
+    return v
+
+
+def _read_backend(file: Path, i: int, table: object) -> BackendConfig:
+    sec = _Section(file, f"backend[{i}]", table)
+    name = sec.require("name", _str)
+    port = sec.get("port", FIRST_BACKEND_PORT + i, _port)
+    b = BackendConfig(
+        name=name,
+        port=port,
+        command=sec.get("command", BackendConfig.command, _command),
+        gpus=sec.get("gpus", None, _gpus),
+        env=sec.get("env", {}, _env),
+        start_timeout=sec.get("start_timeout", BackendConfig.start_timeout, _positive_duration),
+        stop_timeout=sec.get("stop_timeout", BackendConfig.stop_timeout, _positive_duration),
+    )
+    sec.done()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise sec.fail("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
+    return b
+
+
+def _read_model(file: Path, i: int, table: object) -> ModelConfig:
+    sec = _Section(file, f"model[{i}]", table)
+    name = sec.require("name", _str)
+    if not name.strip():
+        raise sec.fail("name", "must not be empty")
+    m = ModelConfig(
+        name=normalize_model(name),
+        backend=sec.get("backend", None, _str),
+        priority=sec.get("priority", ModelConfig.priority, _priority),
+        pin=sec.get("pin", False, _bool),
+        preload=sec.get("preload", False, _bool),
+        keep_alive=sec.get("keep_alive", None, _model_keep_alive),
+        aliases=sec.get("aliases", (), _str_list),
+        preempt=sec.get("preempt", False, _bool),
+        allow_cpu_spill=sec.get("allow_cpu_spill", False, _bool),
+    )
+    sec.done()
+    return m
+
+
+def _priority(v: object) -> int:
+    p = _int(v)
+    if p < 0:
+        raise ValueError(f"expected an integer >= 0 (0 is the most important), got {p}")
+    return p
+
+
+def _check_whole(cfg: Config) -> None:
+    """Cross-field checks that no single key can make."""
+    file = cfg.path
+    k, g = cfg.keep_alive, cfg.gpu
+    if k.min > k.max:
+        raise ConfigError(file, "keep_alive.min", f"{k.min:g}s is above keep_alive.max {k.max:g}s")
+    if not k.min <= k.default <= k.max:
+        raise ConfigError(
+            file,
+            "keep_alive.default",
+            f"{k.default:g}s is outside [min, max] = [{k.min:g}s, {k.max:g}s]",
+        )
+    if g.low_watermark >= g.high_watermark:
+        raise ConfigError(file, "gpu.low_watermark", "must be below gpu.high_watermark")
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, int] = {cfg.proxy.port: -1}
+    for i, b in enumerate(cfg.backends):
+        if b.name in seen_names:
+            raise ConfigError(file, f"backend[{i}].name", f"duplicate backend name {b.name!r}")
+        seen_names[b.name] = i
+        if b.port in seen_ports:
+            other = "proxy.listen" if seen_ports[b.port] < 0 else f"backend[{seen_ports[b.port]}]"
+            raise ConfigError(file, f"backend[{i}].port", f"port {b.port} is also used by {other}")
+        seen_ports[b.port] = i
+    names: dict[str, str] = {}
+    for i, m in enumerate(cfg.models):
+        if m.name in names:
+            raise ConfigError(file, f"model[{i}].name", f"duplicate model {m.name!r}")
+        names[m.name] = f"model[{i}].name"
+        if m.backend is not None and m.backend not in seen_names:
+            known = ", ".join(seen_names)
+            raise ConfigError(
+                file, f"model[{i}].backend", f"no backend named {m.backend!r} (backends: {known})"
+            )
+    for i, m in enumerate(cfg.models):
+        for j, a in enumerate(m.aliases):
+            if a in names or normalize_model(a) in names:
+                raise ConfigError(
+                    file, f"model[{i}].aliases[{j}]", f"{a!r} is already a model or alias name"
+                )
+            names[a] = f"model[{i}].aliases[{j}]"
+
+
+def diff_backends(
+    old: Config, new: Config
+) -> tuple[list[BackendConfig], list[BackendConfig], list[BackendConfig]]:
+    """Backends (added, changed, removed) from old to new, matched by name."""
+    before = {b.name: b for b in old.backends}
+    after = {b.name: b for b in new.backends}
+    added = [b for n, b in after.items() if n not in before]
+    changed = [b for n, b in after.items() if n in before and before[n] != b]
+    removed = [b for n, b in before.items() if n not in after]
+    return added, changed, removed

@@ -1,0 +1,414 @@
+"""The daemon: builds the parts, runs them in one TaskGroup, handles signals, reload and systemd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from aiohttp import web
+
+from llmd import __version__, config
+from llmd.admin import API_VERSION, Admin, prepare_socket, secure_socket
+from llmd.backends import Backends
+from llmd.config import Config, ConfigError
+from llmd.lifecycle import Lifecycle, MState, fixed_keep_alive
+from llmd.notify import Notifier
+from llmd.process import Child, SpawnFn, default_spawn
+from llmd.proxy import Proxy
+from llmd.store import Store
+
+log = logging.getLogger("llmd")
+
+STATUS_EVERY_S = 5.0
+
+
+class StartupError(Exception):
+    """llmd cannot start; the message says what to do."""
+
+
+def _runner_kwargs() -> dict[str, Any]:
+    # aiohttp >= 3.9 no longer cancels a handler when its client goes away unless asked to;
+    # the proxy relies on it to cancel the upstream request. 3.8 always cancels.
+    major, minor = (int(x) for x in aiohttp.__version__.split(".")[:2])
+    return {"handler_cancellation": True} if (major, minor) >= (3, 9) else {}
+
+
+class Daemon:
+    """One llmd instance."""
+
+    def __init__(self, cfg: Config, *, spawn: SpawnFn = default_spawn) -> None:
+        self.cfg = cfg
+        self._spawn = spawn
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._stopping = False
+        self._started_at = time.time()
+        self.notifier = Notifier()
+        self.store: Store
+        self.backends: Backends
+        self.lifecycle: Lifecycle
+        self.proxy: Proxy
+        self._tg: asyncio.TaskGroup
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT, then shut down in order."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        async with contextlib.AsyncExitStack() as stack:
+            self.store = await Store.open(
+                self.cfg.daemon.state_dir / "llmd.db", retention_days=self.cfg.daemon.retention_days
+            )
+            stack.push_async_callback(self.store.close)
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            )
+            stack.push_async_callback(session.close)
+            self.backends = Backends(
+                self.cfg,
+                session=session,
+                start_task=self._start_task,
+                spawn=self._spawn,
+                on_exit=self._child_exited,
+            )
+            self.lifecycle = Lifecycle(
+                self.cfg,
+                self.backends,
+                session=session,
+                events=self.store,
+                keep_alive=fixed_keep_alive(self.cfg, self.store.pins),
+            )
+            self.proxy = Proxy(
+                self.cfg,
+                self.backends,
+                self.lifecycle,
+                session=session,
+                record=self.store.record_request,
+            )
+            await self._bind(stack)
+            await asyncio.to_thread(self.backends.stop_stale)
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.backends.start()
+                tg.create_task(self._main(), name="main")
+
+    def _start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return self._tg.create_task(coro, name=name)
+
+    async def _bind(self, stack: contextlib.AsyncExitStack) -> None:
+        """Bind the proxy port and the admin socket; both or neither."""
+        proxy_runner = web.AppRunner(self.proxy.app(), access_log=None, **_runner_kwargs())
+        await proxy_runner.setup()
+        stack.push_async_callback(proxy_runner.cleanup)
+        p = self.cfg.proxy
+        try:
+            await web.TCPSite(proxy_runner, p.host, p.port, reuse_address=True).start()
+        except OSError as e:
+            raise StartupError(_port_in_use_message(p.listen, p.port, e)) from None
+        admin_runner = web.AppRunner(Admin(self).app(), access_log=None)
+        await admin_runner.setup()
+        stack.push_async_callback(admin_runner.cleanup)
+        sock = self.cfg.daemon.admin_socket
+        try:
+            prepare_socket(sock)
+            await web.UnixSite(admin_runner, str(sock)).start()
+            secure_socket(sock)
+        except OSError as e:
+            raise StartupError(f"cannot serve the admin socket {sock}: {e}") from None
+        stack.callback(_unlink, sock)
+        log.info("proxy listening on %s; admin socket %s", p.listen, sock)
+
+    async def _main(self) -> None:
+        """Start-up, then the background loops, then the orderly shutdown."""
+        tg = self._tg
+        loops = [
+            tg.create_task(self.lifecycle.run_timers(), name="keep-alive-timers"),
+            tg.create_task(self._watch_reload(), name="reload"),
+            tg.create_task(self.notifier.run_watchdog(), name="watchdog"),
+            tg.create_task(self._report_status(), name="status"),
+            tg.create_task(self._startup(), name="startup"),
+        ]
+        store_stop = asyncio.Event()
+        store_task = tg.create_task(self.store.run(store_stop), name="store")
+        await self._stop.wait()
+
+        # Shutdown: stop taking requests, drain, stop children, flush the store.
+        self.notifier.notify("STOPPING=1")
+        timeout = self.cfg.daemon.shutdown_timeout
+        left = await self.proxy.wait_idle(timeout)
+        if left:
+            log.warning(
+                "shutdown: %d request(s) still in flight after %gs; cancelling them", left, timeout
+            )
+        for t in loops:
+            t.cancel()
+        await self.lifecycle.close()
+        await self.backends.stop_all()
+        store_stop.set()
+        await store_task
+        log.info("llmd stopped")
+
+    async def _startup(self) -> None:
+        """READY=1 once every backend is ready or has failed; then preload, then reconcile."""
+        await self.backends.wait_settled()
+        self.notifier.notify("READY=1", f"STATUS={self.summary()}")
+        log.info("llmd %s ready: %s", __version__, self.summary())
+        await self.lifecycle.preload()
+        await self.lifecycle.run_reconcile()
+
+    def _on_stop_signal(self, name: str) -> None:
+        if self._stopping:
+            if name == "SIGINT":
+                log.error("second SIGINT: exiting now without waiting")
+                os._exit(130)
+            return
+        log.info("%s: shutting down", name)
+        self._stopping = True
+        self._stop.set()
+
+    def _child_exited(self, child: Child, reason: str) -> None:
+        self.lifecycle.child_restarted(child, reason)
+        kind = "restart" if reason == "restarted on request" else "crash"
+        self.store.record_event(kind, backend=child.name, reason=reason)
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            self.notifier.notify(f"STATUS={self.summary()}")
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        running = sum(c.running for c in self.backends.children.values())
+        loaded = sum(m.state is MState.LOADED for m in self.lifecycle.models.values())
+        return (
+            f"{running}/{len(self.backends.children)} backends running, {loaded} models loaded, "
+            f"{self.proxy.in_flight} requests in flight"
+        )
+
+    # -- reload -----------------------------------------------------------------------------------
+
+    async def _watch_reload(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self.reload()
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Re-read the config file and apply the difference; keep the old config if invalid."""
+        self.notifier.notify("RELOADING=1", _monotonic_usec())
+        try:
+            try:
+                new = config.load(self.cfg.path)
+            except ConfigError as e:
+                log.error("reload failed, keeping the running config: %s", e)
+                self.store.record_event("reload", reason=f"rejected: {e}")
+                return False, [str(e)]
+            notes = []
+            for what, old_v, new_v in (
+                ("proxy.listen", self.cfg.proxy.listen, new.proxy.listen),
+                ("daemon.admin_socket", self.cfg.daemon.admin_socket, new.daemon.admin_socket),
+                ("daemon.state_dir", self.cfg.daemon.state_dir, new.daemon.state_dir),
+            ):
+                if old_v != new_v:
+                    notes.append(f"{what} changed: restart llmd to apply it")
+            notes += await self.backends.apply(new)
+            self.cfg = new
+            self.lifecycle.cfg = new
+            self.proxy.cfg = new
+            self.lifecycle.set_keep_alive_fn(fixed_keep_alive(new, self.store.pins))
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
+            self.store.record_event("reload", reason="; ".join(notes) or "no backend changes")
+            log.info("reloaded %s: %s", new.path, "; ".join(notes) or "no backend changes")
+            return True, notes
+        finally:
+            self.notifier.notify("READY=1", f"STATUS={self.summary()}")
+
+    # -- admin views ------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        """An alias's model name, else the canonical form of the name."""
+        return self.proxy.resolve(name)
+
+    async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
+        """Pin or unpin a model at run time; the pin persists across restarts."""
+        await self.store.set_pin(name, pinned)
+        self.store.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
+        self.lifecycle.set_keep_alive_fn(fixed_keep_alive(self.cfg, self.store.pins))
+        return {"model": name, "pinned": pinned}
+
+    def status_doc(self) -> dict[str, Any]:
+        """Everything `llmctl status` shows."""
+        return {
+            "api_version": API_VERSION,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._started_at, 1),
+            "config": str(self.cfg.path),
+            "proxy": {"listen": self.cfg.proxy.listen, "in_flight": self.proxy.in_flight},
+            "admin_socket": str(self.cfg.daemon.admin_socket),
+            "summary": self.summary(),
+            "backends": [
+                {
+                    "name": s.name,
+                    "state": s.state,
+                    "pid": s.pid,
+                    "port": s.port,
+                    "restarts": s.restarts,
+                    "error": s.error,
+                    "retry_in_s": None if s.backoff_s is None else round(s.backoff_s, 1),
+                    "gpus": None if c.cfg.gpus is None else list(c.cfg.gpus),
+                }
+                for c in self.backends.children.values()
+                for s in [c.status()]
+            ],
+            "models": self.models_doc(),
+            "gpu": None,
+            "store": self.store.status(),
+        }
+
+    def models_doc(self) -> list[dict[str, Any]]:
+        """Every configured, pulled or seen model with its state and keep-alive."""
+        names: dict[str, str | None] = {}
+        for mc in self.cfg.models:
+            names[mc.name] = mc.backend or self.cfg.backends[0].name
+        for b in self.cfg.backends:
+            for t in self.backends.tags(b.name):
+                names.setdefault(t.get("name", ""), b.name)
+        for m in self.lifecycle.models.values():
+            names[m.name] = m.backend
+        pins = self.store.pins()
+        out = []
+        now = time.monotonic()
+        for name, backend in sorted(names.items()):
+            if not name:
+                continue
+            mc = self.cfg.model(name)
+            m = self.lifecycle.models.get(name)
+            child = self.backends.children.get(backend or "")
+            if m is None and child is not None:
+                m = self.lifecycle.model(name, child)
+            ka = self.lifecycle.keep_alive_of(m) if m is not None else None
+            out.append(
+                {
+                    "name": name,
+                    "backend": backend,
+                    "state": m.state.value if m else MState.UNLOADED.value,
+                    "priority": mc.priority if mc else config.ModelConfig.priority,
+                    "pinned": bool((mc and mc.pin) or name in pins),
+                    "aliases": list(mc.aliases) if mc else [],
+                    "keep_alive_s": ka.seconds if ka else None,
+                    "keep_alive_source": ka.source if ka else None,
+                    "keep_alive_samples": ka.samples if ka else 0,
+                    "keep_alive_percentile": ka.percentile if ka else None,
+                    "expires_in_s": (
+                        round(max(0.0, m.deadline - now), 1)
+                        if m is not None and m.deadline is not None
+                        else None
+                    ),
+                    "in_flight": m.in_flight if m else 0,
+                    "size": m.size if m else 0,
+                    "size_vram": m.size_vram if m else 0,
+                    "loads": m.loads if m else 0,
+                    "last_load_s": m.last_load_s if m else None,
+                }
+            )
+        return out
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _monotonic_usec() -> str:
+    return f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+
+
+def _port_in_use_message(listen: str, port: int, e: OSError) -> str:
+    """Why the proxy port cannot be bound, naming who holds it and what to do."""
+    if e.errno != errno.EADDRINUSE:
+        return f"cannot listen on {listen} (proxy.listen): {e.strerror or e}"
+    holder = ""
+    with contextlib.suppress(psutil.Error):
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                proc = psutil.Process(c.pid)
+                holder = f"{proc.name()} (pid {c.pid})"
+                if proc.name() == "ollama":
+                    return (
+                        f"port {port} (proxy.listen) is held by ollama (pid {c.pid}), probably "
+                        "Ollama's own service: llmd runs Ollama itself. Stop and disable it with "
+                        "`systemctl disable --now ollama`, or set proxy.listen to another port"
+                    )
+                break
+    who = f" by {holder}" if holder else ""
+    return f"port {port} (proxy.listen = {listen!r}) is already in use{who}: stop it or change proxy.listen"
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd the journal adds its own timestamps.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if "JOURNAL_STREAM" not in os.environ:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`llmd`: run the daemon in the foreground, or check a config file."""
+    ap = argparse.ArgumentParser(prog="llmd", description="Local LLM model daemon.")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=config.DEFAULT_PATH,
+        metavar="PATH",
+        help=f"config file (default {config.DEFAULT_PATH})",
+    )
+    ap.add_argument(
+        "--check-config",
+        type=Path,
+        metavar="PATH",
+        help="validate PATH and exit 0 if it is valid, 1 with the first error if not",
+    )
+    ap.add_argument("--version", action="version", version=f"llmd {__version__}")
+    args = ap.parse_args(argv)
+    if args.check_config is not None:
+        try:
+            config.load(args.check_config)
+        except ConfigError as e:
+            print(f"llmd: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.check_config}: OK")
+        return 0
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        print(f"llmd: {e}", file=sys.stderr)
+        return 1
+    _setup_logging(cfg.daemon.log_level)
+    try:
+        asyncio.run(Daemon(cfg).run())
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Every model's lifecycle: in-flight counts, shared loads, keep-alive timers, reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from llmd.backends import Backends
+from llmd.config import Config, normalize_model
+from llmd.process import Child
+
+log = logging.getLogger("llmd.lifecycle")
+
+LOAD_TIMEOUT_S = 600.0
+UNLOAD_CONFIRM_S = 15.0
+RECONCILE_INTERVAL_S = 5.0
+# Runner options that make Ollama reload a model (api/types.go api.Runner): a shared load
+# passes them along so the request that follows does not reload it again.
+RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
+
+
+class MState(enum.Enum):
+    """Where a model is in its lifecycle."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+
+
+class LoadError(Exception):
+    """A model could not be loaded; carries the HTTP status and Ollama's message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class EventSink(Protocol):
+    """Where lifecycle events go (the store)."""
+
+    def record_event(
+        self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class KeepAlive:
+    """A model's current keep-alive and where it comes from."""
+
+    seconds: float | None  # None = forever
+    source: str  # pinned | fixed | default | adaptive | fallback
+    samples: int = 0
+    percentile: float | None = None
+
+
+KeepAliveFn = Callable[["Model"], KeepAlive]
+
+
+@dataclass
+class Model:
+    """Live state of one model."""
+
+    name: str
+    backend: str
+    state: MState = MState.UNLOADED
+    in_flight: int = 0
+    deadline: float | None = None  # monotonic time at which an idle model unloads
+    idle_since: float | None = None
+    size: int = 0
+    size_vram: int = 0
+    last_load_s: float | None = None
+    loads: int = 0
+    unload_when_idle: bool = False
+    embedding: bool = False
+    changed_at: float = 0.0
+    load_task: asyncio.Task[float] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    keep_alive: KeepAlive | None = None
+
+
+@dataclass
+class Lease:
+    """One request's hold on a model; `waited_for_load` says whether it had to wait for a load."""
+
+    model: Model
+    child: Child
+    waited_for_load: bool
+    load_s: float | None
+
+
+def fixed_keep_alive(cfg: Config, pins: Callable[[], set[str]]) -> KeepAliveFn:
+    """Keep-alive from config alone: pinned, the model's fixed value, or the default."""
+
+    def decide(m: Model) -> KeepAlive:
+        mc = cfg.model(m.name)
+        if (mc is not None and mc.pin) or m.name in pins():
+            return KeepAlive(None, "pinned")
+        if mc is not None and isinstance(mc.keep_alive, float):
+            return KeepAlive(mc.keep_alive, "fixed")
+        return KeepAlive(cfg.keep_alive.default, "default")
+
+    return decide
+
+
+class Lifecycle:
+    """Owns per-model state; the proxy and admin API go through acquire/release/load/unload."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backends: Backends,
+        *,
+        session: aiohttp.ClientSession,
+        events: EventSink,
+        keep_alive: KeepAliveFn,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.backends = backends
+        self.models: dict[str, Model] = {}
+        self._session = session
+        self._events = events
+        self._keep_alive = keep_alive
+        self._clock = clock
+        self._timers_changed = asyncio.Event()
+        self._generations: dict[str, int] = {}
+        self.on_loaded: Callable[[Model, float], None] | None = None
+
+    def set_keep_alive_fn(self, fn: KeepAliveFn) -> None:
+        """Swap the keep-alive decision (on reload) and re-arm idle timers with it."""
+        self._keep_alive = fn
+        for m in self.models.values():
+            if m.state is MState.LOADED and m.in_flight == 0 and m.idle_since is not None:
+                self._arm(m, m.idle_since)
+
+    def keep_alive_of(self, m: Model) -> KeepAlive:
+        """The keep-alive the model's idle timer uses (or would use, were it idle now)."""
+        if m.keep_alive is not None and m.deadline is not None:
+            return m.keep_alive
+        return self._keep_alive(m)
+
+    def model(self, name: str, child: Child) -> Model:
+        """The state record of a model, created on first sight."""
+        m = self.models.get(name)
+        if m is None:
+            m = self.models[name] = Model(name, child.name)
+        elif m.backend != child.name and m.state is MState.UNLOADED:
+            m.backend = child.name
+        return m
+
+    def _set_state(self, m: Model, state: MState) -> None:
+        m.state = state
+        m.changed_at = self._clock()
+        m.changed.set()
+        m.changed = asyncio.Event()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, child: Child, options: dict[str, Any] | None = None
+    ) -> AsyncIterator[Lease]:
+        """Hold a model for one request: load it if cold (one shared load), release at the end."""
+        m = self.model(name, child)
+        m.in_flight += 1
+        m.deadline = None
+        m.idle_since = None
+        self._timers_changed.set()
+        try:
+            waited, load_s = await self._ensure_loaded(m, child, options)
+            yield Lease(m, child, waited, load_s)
+        finally:
+            self._release(m)
+
+    def _release(self, m: Model) -> None:
+        m.in_flight -= 1
+        if m.in_flight == 0:
+            now = self._clock()
+            m.idle_since = now
+            if m.state is MState.LOADED:
+                self._arm(m, now)
+
+    def _arm(self, m: Model, idle_since: float) -> None:
+        """Start (or re-start) an idle model's keep-alive timer."""
+        if m.unload_when_idle:
+            m.deadline = idle_since
+        else:
+            m.keep_alive = self._keep_alive(m)
+            s = m.keep_alive.seconds
+            m.deadline = None if s is None else idle_since + s
+        self._timers_changed.set()
+
+    async def _ensure_loaded(
+        self, m: Model, child: Child, options: dict[str, Any] | None
+    ) -> tuple[bool, float | None]:
+        waited = False
+        while True:
+            if m.state is MState.LOADED:
+                return waited, m.last_load_s if waited else None
+            waited = True
+            if m.state is MState.UNLOADING:
+                await m.changed.wait()
+            elif m.state is MState.LOADING and m.load_task is not None:
+                # Shielded: one waiter going away must not cancel everyone's load.
+                await asyncio.shield(m.load_task)
+            else:
+                self._start_load(m, child, options, reason="request")
+
+    def _start_load(
+        self, m: Model, child: Child, options: dict[str, Any] | None, reason: str
+    ) -> asyncio.Task[float]:
+        self._set_state(m, MState.LOADING)  # UNLOADED -> LOADING
+        m.backend = child.name
+        m.unload_when_idle = False
+        runner = {k: v for k, v in (options or {}).items() if k in RUNNER_OPTIONS}
+        # Owned by the model record and awaited by every waiter, so never fire-and-forget.
+        task = asyncio.get_running_loop().create_task(
+            self._load(m, child, runner, reason), name=f"load-{m.name}"
+        )
+        m.load_task = task
+        return task
+
+    async def _load(self, m: Model, child: Child, runner: dict[str, Any], reason: str) -> float:
+        t0 = time.monotonic()
+        try:
+            body: dict[str, Any] = {"model": m.name, "keep_alive": -1}
+            if runner:
+                body["options"] = runner
+            if m.embedding:
+                status, data = await self._post(child, "/api/embed", {**body, "input": []})
+            else:
+                status, data = await self._post(child, "/api/generate", body)
+                if status == 400 and "does not support generate" in str(data.get("error", "")):
+                    m.embedding = True
+                    status, data = await self._post(child, "/api/embed", {**body, "input": []})
+            if status != 200:
+                raise LoadError(status, str(data.get("error") or f"load failed with {status}"))
+        except BaseException as e:
+            self._set_state(m, MState.UNLOADED)  # LOADING -> UNLOADED
+            if isinstance(e, LoadError):
+                self._events.record_event(
+                    "load-failed", model=m.name, backend=child.name, reason=e.message
+                )
+            if isinstance(e, aiohttp.ClientError | TimeoutError):
+                raise LoadError(503, f"backend {child.name} failed while loading {m.name}: {e}")
+            raise
+        load_s = time.monotonic() - t0
+        m.last_load_s = load_s
+        m.loads += 1
+        await self._refresh_sizes(child, m)
+        self._set_state(m, MState.LOADED)  # LOADING -> LOADED
+        self._events.record_event(
+            "load", model=m.name, backend=child.name, reason=f"{reason}; took {load_s:.2f}s"
+        )
+        log.info("loaded %s on %s in %.2fs (%s)", m.name, child.name, load_s, reason)
+        if self.on_loaded is not None:
+            self.on_loaded(m, load_s)
+        if m.in_flight == 0:
+            self._arm(m, self._clock())
+        return load_s
+
+    async def _post(self, child: Child, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        async with self._session.post(
+            child.url + path, json=body, timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
+        ) as r:
+            try:
+                data = await r.json(content_type=None)
+            except ValueError:
+                data = {"error": (await r.text())[:200]}
+            return r.status, data if isinstance(data, dict) else {}
+
+    async def _refresh_sizes(self, child: Child, m: Model) -> None:
+        try:
+            ps = await self.backends.fetch_json(child, "/api/ps")
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        for entry in ps.get("models") or []:
+            if entry.get("name") == m.name:
+                m.size = int(entry.get("size") or 0)
+                m.size_vram = int(entry.get("size_vram") or 0)
+
+    # -- operator and client requests -------------------------------------------------------------
+
+    async def load(self, name: str, child: Child, reason: str) -> Model:
+        """Load a model now (shared with any load already under way); it then idles as usual."""
+        async with self.lease(name, child):
+            pass
+        return self.models[name]
+
+    async def unload(self, name: str, reason: str) -> str:
+        """Unload a model now, or as soon as its in-flight requests finish; say which."""
+        name = normalize_model(name)
+        m = self.models.get(name)
+        if m is None or m.state is MState.UNLOADED:
+            return "not loaded"
+        if m.in_flight > 0 or m.state is MState.LOADING:
+            m.unload_when_idle = True
+            return "will unload when its in-flight requests finish"
+        await self._unload(m, reason)
+        return "unloaded"
+
+    async def _unload(self, m: Model, reason: str, kind: str = "unload") -> None:
+        child = self.backends.children.get(m.backend)
+        self._set_state(m, MState.UNLOADING)  # LOADED -> UNLOADING
+        m.deadline = None
+        try:
+            if child is not None and child.running:
+                await self._post(child, "/api/generate", {"model": m.name, "keep_alive": 0})
+                await self._wait_gone(child, m.name)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.warning("unloading %s on %s failed: %s", m.name, m.backend, e)
+        finally:
+            m.unload_when_idle = False
+            m.size_vram = 0
+            self._set_state(m, MState.UNLOADED)  # UNLOADING -> UNLOADED
+        self._events.record_event(kind, model=m.name, backend=m.backend, reason=reason)
+        log.info(
+            "%s %s on %s: %s",
+            "evicted" if kind == "evict" else "unloaded",
+            m.name,
+            m.backend,
+            reason,
+        )
+
+    async def _wait_gone(self, child: Child, name: str) -> None:
+        """Ollama unloads asynchronously: wait until /api/ps no longer lists the model."""
+        deadline = time.monotonic() + UNLOAD_CONFIRM_S
+        delay = 0.02
+        while time.monotonic() < deadline:
+            ps = await self.backends.fetch_json(child, "/api/ps")
+            if not any(e.get("name") == name for e in ps.get("models") or []):
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        log.warning("%s still listed by %s %.0fs after unload", name, child.name, UNLOAD_CONFIRM_S)
+
+    # -- background loops -------------------------------------------------------------------------
+
+    async def run_timers(self) -> None:
+        """Unload idle models whose keep-alive has expired."""
+        while True:
+            now = self._clock()
+            due = [
+                m
+                for m in self.models.values()
+                if m.deadline is not None
+                and m.deadline <= now
+                and m.in_flight == 0
+                and m.state is MState.LOADED
+            ]
+            for m in due:
+                if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
+                    ka = m.keep_alive
+                    why = (
+                        "unload requested"
+                        if m.unload_when_idle
+                        else (
+                            f"idle past its keep-alive of {_fmt_s(ka.seconds)} ({ka.source})"
+                            if ka is not None and ka.seconds is not None
+                            else "idle"
+                        )
+                    )
+                    await self._unload(m, why)
+            deadlines = [m.deadline for m in self.models.values() if m.deadline is not None]
+            wait = None if not deadlines else max(0.0, min(deadlines) - self._clock())
+            self._timers_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timers_changed.wait(), wait)
+
+    async def run_reconcile(self) -> None:
+        """Keep model state true to each child's /api/ps, after restarts or outside unloads."""
+        while True:
+            await self.reconcile()
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
+
+    async def reconcile(self) -> None:
+        """One pass of reconciliation against every child."""
+        for child in list(self.backends.children.values()):
+            gen = self._generations.get(child.name)
+            if gen is not None and gen != child.generation:
+                self.child_restarted(child, "backend restarted")
+            self._generations[child.name] = child.generation
+            if not child.running:
+                continue
+            started = self._clock()
+            try:
+                ps = await self.backends.fetch_json(child, "/api/ps")
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue
+            listed = {e.get("name"): e for e in ps.get("models") or [] if e.get("name")}
+            for name, entry in listed.items():
+                m = self.model(name, child)
+                if m.changed_at > started or m.backend != child.name:
+                    continue
+                m.size = int(entry.get("size") or 0)
+                m.size_vram = int(entry.get("size_vram") or 0)
+                if m.state is MState.UNLOADED:
+                    self._set_state(m, MState.LOADED)  # UNLOADED -> LOADED (loaded outside llmd)
+                    self._events.record_event(
+                        "load", model=name, backend=child.name, reason="found loaded in backend"
+                    )
+                    if m.in_flight == 0:
+                        self._arm(m, self._clock())
+            for m in self.models.values():
+                if (
+                    m.backend == child.name
+                    and m.state is MState.LOADED
+                    and m.name not in listed
+                    and m.changed_at <= started
+                ):
+                    self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (outside llmd)
+                    m.deadline = None
+                    m.size_vram = 0
+                    self._events.record_event(
+                        "unload",
+                        model=m.name,
+                        backend=child.name,
+                        reason="no longer loaded in the backend (unloaded outside llmd)",
+                    )
+
+    def child_restarted(self, child: Child, reason: str) -> None:
+        """A child died or restarted: whatever it had loaded is gone."""
+        for m in self.models.values():
+            if m.backend == child.name and m.state in (MState.LOADED, MState.UNLOADING):
+                self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (child gone)
+                m.deadline = None
+                m.size_vram = 0
+        self._generations[child.name] = child.generation
+
+    async def preload(self) -> None:
+        """Load `preload = true` models at startup, most important first."""
+        for mc in sorted(self.cfg.models, key=lambda mc: mc.priority):
+            if not mc.preload:
+                continue
+            child = await self.backends.locate(mc.name)
+            if child is None or not child.running:
+                log.warning("preload of %s skipped: its backend is not running", mc.name)
+                continue
+            try:
+                await self.load(mc.name, child, reason="preload")
+            except LoadError as e:
+                log.error("preload of %s failed: %s", mc.name, e.message)
+
+    async def close(self) -> None:
+        """Cancel loads still under way."""
+        for m in self.models.values():
+            if m.load_task is not None and not m.load_task.done():
+                m.load_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await m.load_task
+
+
+def _fmt_s(s: float) -> str:
+    if s >= 3600 and s % 3600 == 0:
+        return f"{s / 3600:g}h"
+    if s >= 60 and s % 60 == 0:
+        return f"{s / 60:g}m"
+    return f"{s:g}s"

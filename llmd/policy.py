@@ -1,0 +1,447 @@
+"""Pure keep-alive and eviction policy: plain data in, plain data out.
+
+The cost being minimised (research/keepalive-science.md, section 4) is, per model,
+
+    J = sum over cold starts of w * L  +  beta * idle GB-s
+
+with w the priority weight of a cold start (`priority_weight`), L the load time in seconds, s the
+model's size in GB and beta the exchange rate between idle memory and latency (latency-seconds
+per GB-s). Each idle gap g (end of one busy period to the next request) is a rent-or-buy choice:
+keeping the model costs beta*s*g, unloading costs w*L at the next request. Keeping it longer than
+the break-even time T* = w*L/(beta*s) can never pay off for that gap (`break_even_s`).
+
+`decide_keep_alive` starts from the hybrid histogram policy of Shahrad et al. ("Serverless in the
+Wild", ATC 2020: a per-model idle-gap histogram, a tail percentile plus a margin, a pre-warm
+window from the head, a fallback when the histogram is not representative) but chooses the
+percentile by cost instead of fixing it at the 99th: it evaluates the expected cost of every
+candidate timeout over the model's own gap distribution and keeps the cheapest one, i.e. the
+optimal fixed timeout for that model given its history. Three bounds keep that choice honest:
+
+- it never exceeds T*, which keeps the ski-rental guarantee (at most twice the offline optimum on
+  any single gap) when the history stops predicting the future;
+- it never exceeds what the evidence supports: with no observed gap beyond a bin, covering it buys
+  nothing, so the smallest timeout of equal cost wins;
+- it is clamped to the operator's [min_s, max_s].
+
+With fewer than `MIN_SAMPLES` gaps, or when the decisive gaps are out of the histogram's range,
+the decision falls back to T* itself, the distribution-free (2-competitive) choice.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- the idle-gap histogram -------------------------------------------------------------------
+
+RANGE_S = 4 * 3600.0
+"""Gaps at or beyond this many seconds are counted out of bounds (OOB), as in Shahrad et al."""
+
+
+def _make_edges() -> tuple[float, ...]:
+    # Shahrad et al. use 1-minute bins over 4 h (240 bins). Short gaps decide most keep-alives
+    # and all pre-warm heads, so they get finer bins: 5 s up to 1 min, 15 s up to 5 min, then
+    # bins 6% wide (log-spaced) up to 4 h. 95 bins: finer where it matters and a dense JSON
+    # form that stays far under 1 KB per model per day.
+    edges = [0.0]
+    e = 0.0
+    while e < 60:
+        e += 5
+        edges.append(e)
+    while e < 300:
+        e += 15
+        edges.append(e)
+    while e < RANGE_S:
+        e = min(float(round(e * 1.06)), RANGE_S)
+        edges.append(e)
+    return tuple(edges)
+
+
+EDGES: tuple[float, ...] = _make_edges()
+"""Bin edges in seconds: bin i holds gaps in [EDGES[i], EDGES[i+1])."""
+NBINS = len(EDGES) - 1
+_REPS: tuple[float, ...] = tuple((EDGES[i] + EDGES[i + 1]) / 2 for i in range(NBINS))
+_LEGACY_BIN_S = 60.0  # format 1: 240 one-minute bins, {"bins": {"index": count}, "oob": n}
+
+
+def bin_index(gap_s: float) -> int:
+    """The histogram bin of a gap; NBINS means out of bounds."""
+    if gap_s >= RANGE_S:
+        return NBINS
+    return max(bisect.bisect_right(EDGES, gap_s) - 1, 0)
+
+
+@dataclass
+class IdleHistogram:
+    """Counts of a model's idle gaps (seconds between busy periods), in `EDGES` bins."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * NBINS)
+    oob: int = 0
+
+    def add(self, gap_s: float) -> None:
+        """Count one idle gap."""
+        b = bin_index(gap_s)
+        if b >= NBINS:
+            self.oob += 1
+        else:
+            self.counts[b] += 1
+
+    def merge(self, other: IdleHistogram) -> None:
+        """Add another histogram's counts into this one."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.oob += other.oob
+
+    @property
+    def samples(self) -> int:
+        """Number of gaps counted, out-of-bounds ones included."""
+        return sum(self.counts) + self.oob
+
+    def to_dict(self) -> dict[str, Any]:
+        """A compact, JSON-able form for the store: dense counts, trailing zeros trimmed."""
+        n = NBINS
+        while n and not self.counts[n - 1]:
+            n -= 1
+        return {"v": 2, "counts": self.counts[:n], "oob": self.oob}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IdleHistogram:
+        """Inverse of to_dict; also reads format 1 (sparse one-minute bins) by re-binning."""
+        h = cls()
+        if "counts" in d:
+            counts = d["counts"]
+            if not isinstance(counts, list) or len(counts) > NBINS:
+                raise ValueError(f"idle histogram: expected at most {NBINS} counts")
+            for i, c in enumerate(counts):
+                h.counts[i] = int(c)
+        else:
+            # Format 1: each one-minute bin is re-counted at its middle.
+            for k, c in d.get("bins", {}).items():
+                gap = (int(k) + 0.5) * _LEGACY_BIN_S
+                b = bin_index(gap)
+                if b >= NBINS:
+                    h.oob += int(c)
+                else:
+                    h.counts[b] += int(c)
+        h.oob += int(d.get("oob", 0))
+        return h
+
+
+# -- cost model --------------------------------------------------------------------------------
+
+
+def priority_weight(priority: int) -> float:
+    """Cost weight of one cold-start second: 4/priority (1 -> 4, 2 -> 2, 3 -> 1.33, 4 -> 1).
+
+    Priority follows llmd's convention, lower number = more important; values below 1 count
+    as 1. A priority-1 model's cold start is worth four times a priority-4 model's.
+    """
+    return 4.0 / max(priority, 1)
+
+
+def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> float:
+    """T* = w*L/(beta*s): idle seconds after which keeping a model costs more than a reload.
+
+    Infinite when keeping is free (beta or size not positive).
+    """
+    rent = beta * size_gb
+    if rent <= 0:
+        return math.inf
+    return priority_weight(priority) * max(load_s, 0.0) / rent
+
+
+# -- keep-alive decisions ----------------------------------------------------------------------
+
+MIN_SAMPLES = 5
+"""Fewer gaps than this and the histogram is not used (fallback to T*)."""
+PREWARM_MIN_SAMPLES = 20
+"""Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
+MARGIN = 0.10
+"""Shahrad et al.'s margin: +10% on the keep-alive tail, -10% on the pre-warm head."""
+PREWARM_GAIN = 0.05
+"""A pre-warm window must beat the best plain keep-alive by 5% of cost to be worth the churn."""
+OOB_UNREPRESENTATIVE = 0.5
+"""With T* beyond the histogram's range, this share of OOB gaps makes the history unusable."""
+
+
+@dataclass(frozen=True)
+class KeepAliveDecision:
+    """How long a model stays loaded after its last in-flight request ends, and why.
+
+    keep_alive_s: unload this many seconds after going idle; None keeps it loaded forever.
+    source: "adaptive" (from the histogram), "fallback" (too few samples or not representative:
+        T* clamped to [min, max]), "fixed" (config override), "default" (no history yet) or
+        "pinned".
+    samples: idle gaps the decision is based on.
+    percentile: share (in %) of the recorded gaps this decision would have served warm; for a
+        plain keep-alive that is the idle-gap percentile at keep_alive_s. None when not from
+        the histogram.
+    prewarm_after_s: if set, reload the model this many seconds after it went idle (if it was
+        unloaded and memory allows); the load time is already subtracted, so the load finishes
+        before the predicted next request.
+    prewarm_expire_s: with pre-warm, unload again this many seconds after going idle if no
+        request came.
+    """
+
+    keep_alive_s: float | None
+    source: str
+    samples: int
+    percentile: float | None
+    prewarm_after_s: float | None = None
+    prewarm_expire_s: float | None = None
+
+
+def fixed_decision(keep_alive_s: float, samples: int = 0) -> KeepAliveDecision:
+    """The decision for a model with a fixed keep_alive in the config."""
+    return KeepAliveDecision(max(keep_alive_s, 0.0), "fixed", samples, None)
+
+
+def default_decision(default_s: float, samples: int = 0) -> KeepAliveDecision:
+    """The decision for a model with no idle-gap history yet ([keep_alive] default)."""
+    return KeepAliveDecision(max(default_s, 0.0), "default", samples, None)
+
+
+def pinned_decision(samples: int = 0) -> KeepAliveDecision:
+    """The decision for a pinned model: never unloaded on a timer."""
+    return KeepAliveDecision(None, "pinned", samples, None)
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def decide_keep_alive(
+    hist: IdleHistogram,
+    *,
+    load_s: float,
+    size_gb: float,
+    priority: int,
+    beta: float,
+    min_s: float,
+    max_s: float,
+    default_s: float,
+    prewarm: bool = False,
+) -> KeepAliveDecision:
+    """Choose a model's keep-alive from its idle-gap history (see the module docstring).
+
+    With prewarm=True it may instead return a pre-warm window (unload early, reload shortly
+    before the predicted next request, unload again at prewarm_expire_s) when that is cheaper in
+    expectation over the history than the best plain keep-alive.
+    """
+    n = hist.samples
+    if n == 0:
+        return default_decision(_clamp(default_s, min_s, max_s))
+    t_star = break_even_s(load_s, size_gb, priority, beta)
+    cap = min(t_star, max_s)
+    if n < MIN_SAMPLES or (t_star > RANGE_S and hist.oob >= OOB_UNREPRESENTATIVE * n):
+        return KeepAliveDecision(_clamp(t_star, min_s, max_s), "fallback", n, None)
+
+    rent = beta * size_gb  # latency-seconds per idle second
+    buy = priority_weight(priority) * load_s  # latency-seconds per cold start
+    counts = hist.counts
+
+    # Candidate timeouts: T_0 = 0 and, for k >= 1, the upper edge of bin k-1 plus the margin,
+    # (never above T* unless the edge itself is); timeout T_k serves bins < k warm. keep[k] is
+    # the total cost over the history: covered gaps cost rent*g (g at the bin's middle), the
+    # others rent*T_k + buy. cum_n[k], cum_g[k]: count and gap sum of bins < k.
+    times = [0.0]
+    keep = [buy * n]
+    cum_n = [0]
+    cum_g = [0.0]
+    cn = 0
+    cg = 0.0
+    for k in range(1, NBINS + 1):
+        c = counts[k - 1]
+        cn += c
+        cg += c * _REPS[k - 1]
+        cum_n.append(cn)
+        cum_g.append(cg)
+        edge = EDGES[k]
+        t = min(edge * (1 + MARGIN), max(edge, cap))
+        times.append(t)
+        rest = n - cn
+        keep.append(rent * (cg + rest * t) + buy * rest)
+    kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
+    best_k = 0
+    for k in range(1, max(kmax, 0) + 1):
+        if keep[k] < keep[best_k] - 1e-9 * (1 + abs(keep[best_k])):
+            best_k = k
+    keep_s = _clamp(times[best_k], min_s, max_s)
+    plain = KeepAliveDecision(keep_s, "adaptive", n, 100.0 * cum_n[best_k] / n)
+    if not prewarm or n < PREWARM_MIN_SAMPLES:
+        return plain
+
+    window = _best_prewarm(counts, n, times, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
+    if window is None:
+        return plain
+    cost, k1, j, k2 = window
+    unload_s = _clamp(times[k1], min_s, max_s)
+    start = EDGES[j] * (1 - MARGIN) - load_s
+    if cost >= (1 - PREWARM_GAIN) * keep[best_k] or unload_s >= start:
+        return plain
+    served = cum_n[k1] + cum_n[k2] - cum_n[j]
+    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, times[k2])
+
+
+def _best_prewarm(
+    counts: list[int],
+    n: int,
+    times: list[float],
+    keep: list[float],
+    cum_n: list[int],
+    cum_g: list[float],
+    kmax: int,
+    cap: float,
+    load_s: float,
+    rent: float,
+    buy: float,
+) -> tuple[float, int, int, int] | None:
+    """The cheapest pre-warm window over the history as (cost, k1, j, k2), or None.
+
+    The window: keep for times[k1] after going idle, then unload; start reloading at
+    P = EDGES[j]*(1-MARGIN) - load_s so bins >= j find it warm; unload again at times[k2] (k2 > j,
+    at most `cap` after the reload finished). Over the history its cost separates into
+    keep[k1] + keep[k2] + terms of j alone (derivation in bench/README.md), so the best k1 is a
+    running prefix minimum and the best k2 a sliding-window minimum: linear time in bins.
+    """
+    w = buy / load_s if load_s > 0 else 0.0
+    best: tuple[float, int, int, int] | None = None
+    k1 = 0  # argmin of keep[0..k1_hi]
+    k1_hi = 0
+    window: deque[int] = deque()  # k2 candidates, keep[] increasing
+    k2_hi = 0
+    for j in range(1, NBINS):
+        ready = EDGES[j] * (1 - MARGIN)
+        start = ready - load_s
+        if start <= 0:
+            continue
+        # k1: timeouts before the reload starts (and within T*).
+        while k1_hi + 1 <= kmax and times[k1_hi + 1] < start:
+            k1_hi += 1
+            if keep[k1_hi] < keep[k1]:
+                k1 = k1_hi
+        # k2: expiries after bin j, at most `cap` after the model is ready again.
+        while k2_hi + 1 <= NBINS and times[k2_hi + 1] - ready <= cap:
+            k2_hi += 1
+            if k2_hi > j:
+                while window and keep[window[-1]] >= keep[k2_hi]:
+                    window.pop()
+                window.append(k2_hi)
+        while window and window[0] <= j:
+            window.popleft()
+        if not window:
+            continue
+        k2 = window[0]
+        # Gaps in bins below j that end after the reload started wait only for its remainder;
+        # the cost so far counted them as full cold starts.
+        partial = 0.0
+        b = j - 1
+        while b >= 0 and _REPS[b] > start:
+            g = _REPS[b]
+            c = counts[b]
+            if c:
+                warm_cost = rent * (g - start) + (w * (ready - g) if g < ready else 0.0)
+                partial += c * (warm_cost - buy)
+            b -= 1
+        later = n - cum_n[j]
+        cost = keep[k1] + keep[k2] + partial - buy * later - rent * cum_g[j] - rent * start * later
+        if best is None or cost < best[0]:
+            best = (cost, k1, j, k2)
+    return best
+
+
+# -- eviction ----------------------------------------------------------------------------------
+
+DEFAULT_SOON_S = 600.0
+"""Horizon for "needed soon" when a candidate's break-even time is unknown."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A loaded model that could be evicted.
+
+    break_even_s: its T*, the horizon for "needed soon"; None uses DEFAULT_SOON_S.
+    """
+
+    name: str
+    priority: int
+    pinned: bool
+    in_flight: int
+    size_bytes: int
+    idle_s: float
+    hist: IdleHistogram | None
+    break_even_s: float | None = None
+
+
+def p_request_soon(c: Candidate) -> float:
+    """Probability that the candidate gets a request within its break-even window from now.
+
+    From its histogram, conditioned on having been idle idle_s already: among past gaps longer
+    than idle_s, the share that ended within the window (smoothed towards the memoryless
+    estimate below). Without enough history: 1 - exp(-window/idle_s), i.e. the longer a model
+    has been idle, the less likely it is needed soon (LRU order).
+    """
+    horizon = DEFAULT_SOON_S if c.break_even_s is None else c.break_even_s
+    idle = max(c.idle_s, 0.0)
+    prior = 1.0 - math.exp(-horizon / max(idle, 60.0))
+    h = c.hist
+    if h is None or h.samples < MIN_SAMPLES:
+        return prior
+    survivors = h.oob
+    soon = 0
+    end = idle + horizon
+    for rep, cnt in zip(_REPS, h.counts, strict=True):
+        if cnt and rep > idle:
+            survivors += cnt
+            if rep <= end:
+                soon += cnt
+    return (soon + prior) / (survivors + 1)
+
+
+def choose_victims(
+    candidates: Sequence[Candidate],
+    need_bytes: int,
+    *,
+    requester_priority: int | None = None,
+    preempt: bool = False,
+) -> list[str] | None:
+    """Names of the models to evict, in order, to free need_bytes; None if it cannot be freed.
+
+    Never a pinned model; never a busy one (in_flight > 0) unless preempt and it is less
+    important than the requester; never one more important than the requester. Lowest priority
+    (highest number) goes first; within a priority, idle before busy, then the one least likely
+    to be needed soon (`p_request_soon`), then the longest idle. Victims that turn out not to be
+    needed once enough is freed are spared, most valuable first.
+    """
+    if need_bytes <= 0:
+        return []
+    eligible: list[tuple[tuple[int, bool, float, float, str], Candidate]] = []
+    for c in candidates:
+        if c.pinned:
+            continue
+        if requester_priority is not None and c.priority < requester_priority:
+            continue
+        if c.in_flight > 0 and not (
+            preempt and requester_priority is not None and c.priority > requester_priority
+        ):
+            continue
+        key = (-c.priority, c.in_flight > 0, p_request_soon(c), -c.idle_s, c.name)
+        eligible.append((key, c))
+    eligible.sort(key=lambda kc: kc[0])
+    chosen: list[Candidate] = []
+    freed = 0
+    for _, c in eligible:
+        if freed >= need_bytes:
+            break
+        chosen.append(c)
+        freed += c.size_bytes
+    if freed < need_bytes:
+        return None
+    for c in reversed(chosen[:]):
+        if freed - c.size_bytes >= need_bytes:
+            chosen.remove(c)
+            freed -= c.size_bytes
+    return [c.name for c in chosen]

@@ -1,0 +1,789 @@
+"""The only SQL in llmd: request log, idle-gap histograms, events, model facts and pins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from llmd.policy import IdleHistogram
+
+log = logging.getLogger("llmd.store")
+
+DAY_S = 86400.0
+LOAD_S_WEIGHT = 0.3  # weight of the newest load in the load time's moving average
+
+SCHEMA_VERSION = 1
+
+# The whole current schema. A new database gets it in one transaction with user_version set to
+# SCHEMA_VERSION; an older database gets MIGRATIONS instead, so the two must agree.
+SCHEMA = """
+CREATE TABLE requests (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,                 -- unix seconds at request start
+    model TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    ttfb_s REAL,
+    duration_s REAL NOT NULL,
+    waited_for_load INTEGER NOT NULL,
+    load_duration_s REAL,
+    prompt_tokens INTEGER,
+    eval_tokens INTEGER
+);
+CREATE INDEX requests_time ON requests (time);
+CREATE INDEX requests_model_time ON requests (model, time);
+
+-- One policy.IdleHistogram (to_dict() as JSON) per model per UTC day, rolled up from requests.
+CREATE TABLE idle_histograms (
+    model TEXT NOT NULL,
+    day TEXT NOT NULL,                  -- YYYY-MM-DD, UTC
+    histogram TEXT NOT NULL,
+    PRIMARY KEY (model, day)
+) WITHOUT ROWID;
+
+-- Roll-up watermark: the end of the model's latest busy period already counted. It is written
+-- in the same transaction as the requests it comes from, so a restart never counts a gap twice.
+CREATE TABLE idle_rollup (
+    model TEXT PRIMARY KEY,
+    busy_until REAL NOT NULL
+);
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    model TEXT,
+    backend TEXT,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX events_time ON events (time);
+
+CREATE TABLE model_facts (
+    model TEXT PRIMARY KEY,
+    size_vram INTEGER,                  -- bytes in GPU memory after its last full load
+    size INTEGER,                       -- bytes in memory in all
+    load_s REAL,                        -- moving average of measured load times
+    loads INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
+
+CREATE TABLE pins (
+    model TEXT PRIMARY KEY
+);
+"""
+
+# MIGRATIONS[n] turns a version n-1 database into version n.
+MIGRATIONS: dict[int, str] = {}
+
+# SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
+_BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 11, 13, 14, 26
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRecord:
+    """One proxied request, as the proxy saw it."""
+
+    time: float  # unix seconds at start
+    model: str  # "" for requests that use no model; those are not idle-gap history
+    endpoint: str
+    status: int
+    duration_s: float
+    ttfb_s: float | None = None
+    waited_for_load: bool = False
+    load_duration_s: float | None = None  # Ollama's load_duration, in seconds
+    prompt_tokens: int | None = None
+    eval_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """What llmd has learned about a model's size and load time."""
+
+    model: str
+    size_vram: int | None
+    size: int | None
+    load_s: float | None
+    loads: int  # load times averaged into load_s
+    updated: float
+
+
+# time, kind, model, backend, reason
+_Event = tuple[float, str, str | None, str | None, str]
+_FactUpdate = tuple[str, int | None, int | None, float | None]
+_T = TypeVar("_T")
+
+
+class SchemaTooNewError(Exception):
+    """The database was written by a newer llmd whose schema this one does not know."""
+
+
+def _day(t: float) -> str:
+    """The UTC day of a unix time, as YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def _errcode(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+async def _fetchall(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+    async with db.execute(sql, tuple(params)) as cur:
+        return list(await cur.fetchall())
+
+
+class Store:
+    """llmd's learned state in one SQLite file, served from memory so a bad disk never stops it."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention_days: int,
+        clock: Callable[[], float],
+        busy_timeout_s: float,
+        max_pending: int,
+    ) -> None:
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.degraded: str | None = None  # why learned state is not being saved, or None
+        self.moved_aside: Path | None = None  # where a corrupt database was moved, if it was
+        self._clock = clock
+        self._busy_timeout_s = busy_timeout_s
+        self._max_pending = max_pending
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()  # one transaction at a time on the one connection
+        self._closed = False
+        self._rows = 0
+        self._dropped = 0
+        self._drop_logged = False
+
+        # Buffers: requests wait in _unrolled until the next roll-up, then in _unwritten.
+        self._unrolled: list[RequestRecord] = []
+        self._unwritten: deque[RequestRecord] = deque()
+        self._events: deque[_Event] = deque()
+
+        # Learned state. Until the database has been read once (_loaded), these hold only what
+        # was learned since start, to be merged into what the database holds; after that they
+        # hold everything and are written over whatever database there is.
+        self._loaded = False
+        self._hists: dict[str, dict[str, IdleHistogram]] = {}
+        self._busy_until: dict[str, float] = {}
+        self._facts: dict[str, ModelFacts] = {}
+        self._pins: set[str] = set()
+        self._fact_updates: deque[_FactUpdate] = deque(maxlen=1000)
+        self._first_start: dict[str, float] = {}  # per model, its first request before _loaded
+        self._merged: dict[str, dict[int, tuple[str, IdleHistogram]]] = {}
+
+        # What changed since the last successful write.
+        self._dirty_hists: set[tuple[str, str]] = set()
+        self._dirty_busy: set[str] = set()
+        self._dirty_facts: set[str] = set()
+        self._dirty_pins: set[str] = set()
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        retention_days: int = 14,
+        clock: Callable[[], float] = time.time,
+        *,
+        busy_timeout_s: float = 5.0,
+        max_pending: int = 10_000,
+    ) -> Store:
+        """Open (or create) the database; on any problem return a degraded, memory-only store."""
+        store = cls(
+            path,
+            retention_days=retention_days,
+            clock=clock,
+            busy_timeout_s=busy_timeout_s,
+            max_pending=max_pending,
+        )
+        async with store._lock:
+            await store._connect()
+        return store
+
+    # -- recording (synchronous, never touches the disk) ------------------------------------
+
+    def record_request(self, rec: RequestRecord) -> None:
+        """Queue one request for the next flush."""
+        if not (math.isfinite(rec.time) and math.isfinite(rec.duration_s)):
+            # A NaN would stop the model's roll-up for good and fail every batch it is in.
+            log.error("dropping a request record with a non-finite time: %r", rec)
+            self._dropped += 1
+            return
+        self._unrolled.append(rec)
+        if len(self._unrolled) >= self._max_pending:
+            # Nobody is flushing (or the loop is starved): keep learning, bound the memory.
+            self._roll_up()
+
+    def record_event(
+        self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
+    ) -> None:
+        """Queue one lifecycle event (load, unload, evict, crash, pin, degraded...)."""
+        self._push(self._events, (self._clock(), kind, model, backend, reason))
+
+    # -- reading (synchronous, from memory) -------------------------------------------------
+
+    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+        """The model's idle gaps over the last `days` UTC days, today included."""
+        now = self._clock()
+        today = _day(now)
+        cached = self._merged.get(model, {}).get(days)
+        if cached is None or cached[0] != today:
+            first = _day(now - (days - 1) * DAY_S)
+            merged = IdleHistogram()
+            for day, hist in self._hists.get(model, {}).items():
+                if day >= first:
+                    merged.merge(hist)
+            cached = (today, merged)
+            self._merged.setdefault(model, {})[days] = cached
+        # A copy, so that a caller merging into it cannot change the store's.
+        out = IdleHistogram()
+        out.merge(cached[1])
+        return out
+
+    def model_facts(self, model: str) -> ModelFacts | None:
+        """What has been learned about the model, if anything."""
+        return self._facts.get(model)
+
+    def all_model_facts(self) -> dict[str, ModelFacts]:
+        """What has been learned about every model, by name."""
+        return dict(self._facts)
+
+    def pins(self) -> set[str]:
+        """The models pinned at runtime."""
+        return set(self._pins)
+
+    def status(self) -> dict[str, Any]:
+        """The store's health for the admin API."""
+        return {
+            "path": str(self.path),
+            "degraded": self.degraded,
+            "pending": len(self._unrolled) + len(self._unwritten) + len(self._events),
+            "dropped": self._dropped,
+            "rows": self._rows,
+            "moved_aside": str(self.moved_aside) if self.moved_aside else None,
+        }
+
+    async def events(
+        self, limit: int = 50, model: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Events newest first, optionally only one model's or those at or after `since`."""
+
+        def wanted(e: _Event) -> bool:
+            return (model is None or e[2] == model) and (since is None or e[0] >= since)
+
+        async with self._lock:
+            found = [e for e in reversed(self._events) if wanted(e)]
+            if self._db is not None:
+                sql = "SELECT time, kind, model, backend, reason FROM events WHERE 1"
+                params: list[Any] = []
+                if model is not None:
+                    sql += " AND model = ?"
+                    params.append(model)
+                if since is not None:
+                    sql += " AND time >= ?"
+                    params.append(since)
+                sql += " ORDER BY time DESC, id DESC LIMIT ?"
+                params.append(limit)
+                try:
+                    found += [tuple(r) for r in await _fetchall(self._db, sql, params)]
+                except Exception as exc:
+                    log.warning("reading events from %s failed: %s", self.path, _one_line(exc))
+        found.sort(key=lambda e: e[0], reverse=True)  # stable: unwritten (newer) ones first
+        keys = ("time", "kind", "model", "backend", "reason")
+        return [dict(zip(keys, e, strict=True)) for e in found[:limit]]
+
+    # -- learned facts and pins (saved at once when the database is healthy) ------------------
+
+    async def set_model_facts(
+        self,
+        model: str,
+        *,
+        size_vram: int | None = None,
+        size: int | None = None,
+        load_s: float | None = None,
+    ) -> ModelFacts:
+        """Remember what a load of the model showed; None leaves a fact as it was."""
+        if not self._loaded:
+            self._fact_updates.append((model, size_vram, size, load_s))
+        facts = self._update_facts(model, size_vram, size, load_s)
+        self._dirty_facts.add(model)
+        await self._flush_if_healthy()
+        return facts
+
+    async def set_pin(self, model: str, pinned: bool) -> None:
+        """Pin or unpin the model at runtime."""
+        if pinned:
+            self._pins.add(model)
+        else:
+            self._pins.discard(model)
+        self._dirty_pins.add(model)
+        await self._flush_if_healthy()
+
+    # -- background work --------------------------------------------------------------------
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        *,
+        flush_s: float = 1.0,
+        prune_s: float = 600.0,
+        retry_s: float = 30.0,
+    ) -> None:
+        """Flush every flush_s (every retry_s while degraded) and prune every prune_s until stop."""
+        loop = asyncio.get_running_loop()
+        next_prune = next_try = loop.time()
+        while not stop.is_set():
+            now = loop.time()
+            if now >= next_prune:
+                await self.prune()
+                next_prune = now + prune_s
+            if self.degraded is None or now >= next_try:
+                await self.flush()
+                next_try = loop.time() + retry_s  # only consulted while degraded
+            else:
+                self._roll_up()  # the policy keeps learning between retries
+            try:
+                await asyncio.wait_for(stop.wait(), flush_s)
+            except TimeoutError:
+                pass
+        await self.flush()
+
+    async def flush(self) -> bool:
+        """Roll up new requests and write all that is pending in one transaction; True if saved."""
+        async with self._lock:
+            self._roll_up()
+            if self._closed:
+                return False
+            if self._db is None and not await self._connect():
+                return False
+            return await self._write()
+
+    async def prune(self) -> None:
+        """Forget requests, events and histograms older than retention_days."""
+        now = self._clock()
+        cutoff = now - self.retention_days * DAY_S
+        first_day = _day(now - (self.retention_days - 1) * DAY_S)
+        for model in list(self._hists):
+            days = self._hists[model]
+            for day in [d for d in days if d < first_day]:
+                del days[day]
+            if not days:
+                del self._hists[model]
+        for model in [m for m, t in self._busy_until.items() if t < cutoff]:
+            del self._busy_until[model]
+        self._merged.clear()
+        async with self._lock:
+            db = self._db
+            if db is None or self.degraded is not None or self._closed:
+                return
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    await db.execute("DELETE FROM requests WHERE time < ?", (cutoff,))
+                    await db.execute("DELETE FROM events WHERE time < ?", (cutoff,))
+                    await db.execute("DELETE FROM idle_histograms WHERE day < ?", (first_day,))
+                    await db.execute("DELETE FROM idle_rollup WHERE busy_until < ?", (cutoff,))
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await self._rollback(db)
+                    raise
+                (self._rows,) = (await _fetchall(db, "SELECT count(*) FROM requests"))[0]
+            except Exception as exc:
+                await self._failed(exc)
+
+    async def close(self) -> None:
+        """Write what is pending and close the database."""
+        if self._closed:
+            return
+        await self.flush()
+        async with self._lock:
+            self._closed = True
+            await self._close_db()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _push(self, buf: deque[_T], item: _T) -> None:
+        """Append to a bounded buffer, dropping (and counting) the oldest item when it is full."""
+        if len(buf) >= self._max_pending:
+            buf.popleft()
+            self._count_drops(1)
+        buf.append(item)
+
+    def _count_drops(self, n: int) -> None:
+        self._dropped += n
+        if not self._drop_logged:
+            self._drop_logged = True
+            log.warning(
+                "store buffer full (%d records); dropping the oldest until %s is writable",
+                self._max_pending,
+                self.path,
+            )
+
+    def _requeue(self, older: deque[_T], newer: deque[_T]) -> deque[_T]:
+        """A failed batch goes back in front of what arrived meanwhile, within the bound."""
+        merged = older
+        merged.extend(newer)
+        excess = len(merged) - self._max_pending
+        for _ in range(max(excess, 0)):
+            merged.popleft()
+        if excess > 0:
+            self._count_drops(excess)
+        return merged
+
+    def _roll_up(self) -> None:
+        """Count the idle gaps that new requests close, and move them on to be written."""
+        if not self._unrolled:
+            return
+        # Requests are recorded when they end; gaps are between starts and earlier ends.
+        batch = sorted(self._unrolled, key=lambda r: r.time)
+        self._unrolled = []
+        for rec in batch:
+            self._push(self._unwritten, rec)
+            if rec.model:
+                self._count_gap(rec)
+
+    def _count_gap(self, rec: RequestRecord) -> None:
+        model = rec.model
+        busy_until = self._busy_until.get(model)
+        if busy_until is None and not self._loaded:
+            # The database may know where this model's last busy period ended: see _load.
+            self._first_start.setdefault(model, rec.time)
+        if busy_until is not None and rec.time > busy_until:
+            self._add_gap(model, rec.time, rec.time - busy_until)
+        end = rec.time + rec.duration_s
+        if busy_until is None or end > busy_until:
+            self._busy_until[model] = end
+            self._dirty_busy.add(model)
+
+    def _add_gap(self, model: str, start: float, gap_s: float) -> None:
+        day = _day(start)
+        self._hists.setdefault(model, {}).setdefault(day, IdleHistogram()).add(gap_s)
+        self._dirty_hists.add((model, day))
+        self._merged.pop(model, None)
+
+    def _update_facts(
+        self, model: str, size_vram: int | None, size: int | None, load_s: float | None
+    ) -> ModelFacts:
+        old = self._facts.get(model) or ModelFacts(model, None, None, None, 0, 0.0)
+        avg, loads = old.load_s, old.loads
+        if load_s is not None:
+            # A moving average: recent loads matter most, one slow outlier does not dominate.
+            avg = load_s if avg is None else avg + LOAD_S_WEIGHT * (load_s - avg)
+            loads += 1
+        facts = ModelFacts(
+            model,
+            size_vram if size_vram is not None else old.size_vram,
+            size if size is not None else old.size,
+            avg,
+            loads,
+            self._clock(),
+        )
+        self._facts[model] = facts
+        return facts
+
+    async def _flush_if_healthy(self) -> None:
+        # While degraded the run loop retries; an admin call should not wait out a lock.
+        if self._db is not None and self.degraded is None:
+            await self.flush()
+
+    async def _connect(self) -> bool:
+        """Open the database, moving it aside once if it is corrupt; the lock is held."""
+        try:
+            self._db = await self._open_db()
+            return True
+        except Exception as exc:
+            if _errcode(exc) not in (_CORRUPT, _NOTADB):
+                self._set_degraded(exc)
+                return False
+            if not self._move_aside(exc):
+                return False
+        try:
+            self._db = await self._open_db()
+            return True
+        except Exception as exc:
+            self._set_degraded(exc)
+            return False
+
+    async def _open_db(self) -> aiosqlite.Connection:
+        """Connect, set the pragmas, migrate and read the learned state."""
+        # The daemon's state_dir normally exists (systemd StateDirectory); a dev setup may not.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(
+            str(self.path), timeout=self._busy_timeout_s, isolation_level=None
+        )
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            ((mode,),) = await _fetchall(db, "PRAGMA journal_mode = WAL")
+            if str(mode).lower() != "wal":
+                log.warning("database %s: WAL mode unavailable, using %s", self.path, mode)
+            # In WAL mode NORMAL is crash-safe; a power loss can only lose the last flushes.
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await self._migrate(db)
+            await self._load(db)
+        except BaseException:
+            try:
+                await db.close()
+            except Exception:
+                pass
+            raise
+        return db
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        ((version,),) = await _fetchall(db, "PRAGMA user_version")
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"database {self.path} has schema version {version}, newer than this llmd's "
+                f"{SCHEMA_VERSION} (written by a newer llmd?)"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        if version == 0:
+            script = SCHEMA
+        else:
+            script = "\n".join(MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+        # One transaction: a failed migration leaves the database as it was.
+        await db.executescript(
+            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;"
+        )
+        if version == 0:
+            log.info("database %s: created, schema version %d", self.path, SCHEMA_VERSION)
+        else:
+            log.info("database %s: migrated schema %d -> %d", self.path, version, SCHEMA_VERSION)
+
+    async def _load(self, db: aiosqlite.Connection) -> None:
+        """Merge the database's learned state with memory's (see _loaded)."""
+        (rows,) = (await _fetchall(db, "SELECT count(*) FROM requests"))[0]
+        if self._loaded:
+            # Memory is complete: write all of it to this (perhaps new) database.
+            self._dirty_hists |= {(m, d) for m, days in self._hists.items() for d in days}
+            self._dirty_busy |= set(self._busy_until)
+            self._dirty_facts |= set(self._facts)
+            self._dirty_pins |= self._pins
+            self._rows = rows
+            return
+        first_day = _day(self._clock() - (self.retention_days - 1) * DAY_S)
+        hist_rows = await _fetchall(
+            db, "SELECT model, day, histogram FROM idle_histograms WHERE day >= ?", (first_day,)
+        )
+        busy_rows = await _fetchall(db, "SELECT model, busy_until FROM idle_rollup")
+        fact_rows = await _fetchall(
+            db, "SELECT model, size_vram, size, load_s, loads, updated FROM model_facts"
+        )
+        pin_rows = await _fetchall(db, "SELECT model FROM pins")
+
+        # No awaits below: memory changes all at once or not at all.
+        for model, day, text in hist_rows:
+            try:
+                hist = IdleHistogram.from_dict(json.loads(text))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning(
+                    "database %s: skipping bad histogram %s %s: %s", self.path, model, day, exc
+                )
+                continue
+            days = self._hists.setdefault(model, {})
+            if day in days:
+                hist.merge(days[day])
+            days[day] = hist
+        for model, busy_until in busy_rows:
+            first = self._first_start.get(model)
+            if first is not None and first > busy_until:
+                self._add_gap(model, first, first - busy_until)  # the gap spanning the outage
+            self._busy_until[model] = max(busy_until, self._busy_until.get(model, busy_until))
+        self._first_start.clear()
+        self._facts = {r[0]: ModelFacts(*r) for r in fact_rows}
+        for update in self._fact_updates:
+            self._update_facts(*update)
+        self._fact_updates.clear()
+        pins = {r[0] for r in pin_rows}
+        for model in self._dirty_pins:
+            if model in self._pins:
+                pins.add(model)
+            else:
+                pins.discard(model)
+        self._pins = pins
+        self._merged.clear()
+        self._rows = rows
+        self._loaded = True
+
+    async def _write(self) -> bool:
+        """Write the buffers and changed state in one transaction; the lock is held."""
+        db = self._db
+        assert db is not None
+        reqs, self._unwritten = self._unwritten, deque()
+        evs, self._events = self._events, deque()
+        hist_keys, self._dirty_hists = self._dirty_hists, set()
+        busy, self._dirty_busy = self._dirty_busy, set()
+        facts, self._dirty_facts = self._dirty_facts, set()
+        pins, self._dirty_pins = self._dirty_pins, set()
+
+        hist_rows = [
+            (m, d, json.dumps(self._hists[m][d].to_dict(), separators=(",", ":")))
+            for m, d in hist_keys
+            if d in self._hists.get(m, {})  # else pruned meanwhile
+        ]
+        busy_rows = [(m, self._busy_until[m]) for m in busy if m in self._busy_until]
+        fact_rows = [astuple(self._facts[m]) for m in facts if m in self._facts]
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.executemany(
+                    "INSERT INTO requests (time, model, endpoint, status, duration_s, ttfb_s,"
+                    " waited_for_load, load_duration_s, prompt_tokens, eval_tokens)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [astuple(r) for r in reqs],
+                )
+                await db.executemany(
+                    "INSERT INTO events (time, kind, model, backend, reason)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    evs,
+                )
+                await db.executemany(
+                    "INSERT OR REPLACE INTO idle_histograms (model, day, histogram)"
+                    " VALUES (?, ?, ?)",
+                    hist_rows,
+                )
+                await db.executemany(
+                    "INSERT OR REPLACE INTO idle_rollup (model, busy_until) VALUES (?, ?)",
+                    busy_rows,
+                )
+                await db.executemany(
+                    "INSERT OR REPLACE INTO model_facts"
+                    " (model, size_vram, size, load_s, loads, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                    fact_rows,
+                )
+                await db.executemany(
+                    "INSERT OR IGNORE INTO pins (model) VALUES (?)",
+                    [(m,) for m in pins if m in self._pins],
+                )
+                await db.executemany(
+                    "DELETE FROM pins WHERE model = ?",
+                    [(m,) for m in pins if m not in self._pins],
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await self._rollback(db)
+                raise
+        except BaseException as exc:
+            # Keep everything for the next try, older records ahead of newer ones.
+            self._unwritten = self._requeue(reqs, self._unwritten)
+            self._events = self._requeue(evs, self._events)
+            self._dirty_hists |= hist_keys
+            self._dirty_busy |= busy
+            self._dirty_facts |= facts
+            self._dirty_pins |= pins
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, sqlite3.IntegrityError | sqlite3.InterfaceError):
+                # Bad data, not a bad disk: retrying would fail forever, so let the rows go.
+                dropped = len(self._unwritten) + len(self._events)
+                log.error("dropping %d unwritable records: %s", dropped, _one_line(exc))
+                self._dropped += dropped
+                self._unwritten.clear()
+                self._events.clear()
+            await self._failed(exc)
+            return False
+        self._rows += len(reqs)
+        if self.degraded is not None:
+            log.warning("database %s is being saved again", self.path)
+            self.degraded = None
+            self._drop_logged = False
+        return True
+
+    async def _failed(self, exc: Exception) -> None:
+        """Degrade after a failed write; reconnect later unless the failure is a passing one."""
+        self._set_degraded(exc)
+        code = _errcode(exc)
+        if code in (_BUSY, _LOCKED, _FULL):
+            return  # the same connection will do once the lock is gone or space is freed
+        await self._close_db()
+        if code in (_CORRUPT, _NOTADB):
+            self._move_aside(exc)
+
+    async def _rollback(self, db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("ROLLBACK")
+        except Exception:
+            pass  # no transaction left to roll back, or the connection is gone
+
+    async def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            try:
+                await db.close()
+            except Exception as exc:
+                log.warning("closing database %s failed: %s", self.path, _one_line(exc))
+
+    def _move_aside(self, exc: BaseException) -> bool:
+        """Rename a corrupt database (and its -wal, -shm) so that a new one can start."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{self.path}{suffix}")
+                if src.exists():
+                    src.rename(f"{target}{suffix}")
+        except OSError as err:
+            self._set_degraded(exc, f"; could not move it aside: {_one_line(err)}")
+            return False
+        self.moved_aside = target
+        if self._loaded:
+            fate = "what llmd has learned is in memory and goes into a new database"
+        else:
+            fate = "a new database starts empty; what was learned before is in the moved file"
+        log.error(
+            "database %s is corrupt (%s); moved it to %s: %s",
+            self.path,
+            _one_line(exc),
+            target,
+            fate,
+        )
+        return True
+
+    def _set_degraded(self, exc: BaseException, extra: str = "") -> None:
+        """Say once, in one line, why learned state is not being saved."""
+        p, why, code = self.path, _one_line(exc), _errcode(exc)
+        if isinstance(exc, SchemaTooNewError):
+            what = why
+        elif code in (_CORRUPT, _NOTADB):
+            what = f"database {p} is corrupt: {why}"
+        elif code in (_BUSY, _LOCKED):
+            what = f"database {p} is locked by another process: {why}"
+        elif code == _FULL:
+            what = f"database {p}: disk is full: {why}"
+        elif code == _READONLY:
+            what = f"database {p} is read-only: {why}"
+        elif code == _CANTOPEN or isinstance(exc, OSError):
+            parent = p.parent
+            if parent.exists() and not parent.is_dir():
+                why = f"{parent} is not a directory"
+            elif parent.is_dir() and not os.access(parent, os.W_OK):
+                why = f"no write permission on {parent}"
+            what = f"cannot open database {p}: {why}"
+        else:
+            what = f"database {p} failed: {type(exc).__name__}: {why}"
+        reason = f"{what}{extra}; learned state is not being saved"
+        if reason != self.degraded:
+            unexpected = not isinstance(exc, sqlite3.Error | OSError | SchemaTooNewError)
+            log.error("%s", reason, exc_info=exc if unexpected else None)
+            # Also in the event history, where `llmctl events` shows it next to its effects.
+            self.record_event("degraded", reason=reason)
+        self.degraded = reason

@@ -1,0 +1,193 @@
+"""Config parsing and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmd import config
+from llmd.config import ConfigError, diff_backends, parse_go_duration, parse_size
+
+REFERENCE = Path(__file__).resolve().parent.parent / "etc" / "llmd.toml"
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    p = tmp_path / "llmd.toml"
+    p.write_text(text)
+    return config.load(p)
+
+
+def test_reference_config_is_valid_and_matches_defaults() -> None:
+    """The shipped reference config loads, and its values are the code's defaults."""
+    cfg = config.load(REFERENCE)
+    assert cfg.daemon == config.DaemonConfig()
+    assert cfg.proxy == config.ProxyConfig()
+    assert cfg.keep_alive == config.KeepAliveConfig()
+    assert cfg.gpu == config.GpuConfig()
+    assert [b.name for b in cfg.backends] == ["default"]
+    assert cfg.backends[0].port == config.FIRST_BACKEND_PORT
+
+
+def test_reference_config_documents_every_field() -> None:
+    """Every Config field appears in etc/llmd.toml (set or commented) with a help line above."""
+    lines = REFERENCE.read_text().splitlines()
+    sections = {
+        "daemon": config.DaemonConfig,
+        "proxy": config.ProxyConfig,
+        "keep_alive": config.KeepAliveConfig,
+        "gpu": config.GpuConfig,
+        "backend": config.BackendConfig,
+        "model": config.ModelConfig,
+    }
+    for section, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            pat = re.compile(rf"^#?\s*{f.name}\s*=")
+            hits = [i for i, line in enumerate(lines) if pat.match(line)]
+            assert hits, f"{section}.{f.name} is not in {REFERENCE}"
+            above = lines[hits[0] - 1].lstrip("# ").strip()
+            assert above and "=" not in above.split()[0], f"{section}.{f.name} has no help line"
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "why"),
+    [
+        ('[proxy]\nlisten = "11434"', "proxy.listen", "expected HOST:PORT"),
+        ('[proxy]\nlisten = "127.0.0.1:99999"', "proxy.listen", "expected HOST:PORT"),
+        ('[proxy]\nmax_body = "1MiB"', "proxy.max_body", "unknown key"),
+        ('[proxy]\nmax_body_size = "lots"', "proxy.max_body_size", "expected a size"),
+        ('[daemon]\nlog_level = "loud"', "daemon.log_level", "expected one of"),
+        ('[daemon]\nshutdown_timeout = "-5s"', "daemon.shutdown_timeout", "positive"),
+        ('[deamon]\nlog_level = "info"', "deamon", "unknown key"),
+        ('[keep_alive]\ndefault = "300"', "keep_alive.default", "duration"),
+        ('[keep_alive]\nmin = "2h"\nmax = "1h"', "keep_alive.min", "above keep_alive.max"),
+        ('[gpu]\nhigh_watermark = 1.5', "gpu.high_watermark", "fraction"),
+        ('[gpu]\nlow_watermark = 0.9\nhigh_watermark = 0.8', "gpu.low_watermark", "below"),
+        ('[gpu]\nprobe = "cuda"', "gpu.probe", "expected one of"),
+        ("[[backend]]\nport = 1", "backend[0].name", "is required"),
+        ('[[backend]]\nname = "a b"', "backend[0].name", "letters, digits"),
+        ('[[backend]]\nname = "a"\nport = 11434', "backend[0].port", "proxy.listen"),
+        ('[[backend]]\nname = "a"\n[[backend]]\nname = "a"', "backend[1].name", "duplicate"),
+        ('[[backend]]\nname = "a"\ncommand = []', "backend[0].command", "non-empty"),
+        ('[[backend]]\nname = "a"\ngpus = ["0"]', "backend[0].gpus", "GPU indexes"),
+        ('[[backend]]\nname = "a"\nenv = {X = 1}', "backend[0].env", "table of strings"),
+        ('[[model]]\nname = "m"\nbackend = "gpu9"', "model[0].backend", "no backend named"),
+        ('[[model]]\nname = "m"\npriority = -1', "model[0].priority", ">= 0"),
+        ('[[model]]\nname = "m"\nkeep_alive = "soon"', "model[0].keep_alive", "duration"),
+        ('[[model]]\nname = "m"\npinned = true', "model[0].pinned", "unknown key"),
+        ('[[model]]\nname = "m"\n[[model]]\nname = "m:latest"', "model[1].name", "duplicate"),
+        (
+            '[[model]]\nname = "a"\n[[model]]\nname = "b"\naliases = ["a"]',
+            "model[1].aliases[0]",
+            "already a model",
+        ),
+        ("model = 3", "model", "array of tables"),
+    ],
+)
+def test_invalid_config_names_key(tmp_path: Path, toml: str, key: str, why: str) -> None:
+    """A bad value is rejected with the file, the dotted key and what was expected."""
+    with pytest.raises(ConfigError) as e:
+        load_text(tmp_path, toml)
+    assert e.value.key == key
+    assert why in e.value.why
+    assert str(tmp_path / "llmd.toml") in str(e.value)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    """Unparseable TOML and a missing file are ConfigErrors, not tracebacks."""
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_text(tmp_path, "[proxy\n")
+    with pytest.raises(ConfigError, match="file not found"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_models_and_backends(tmp_path: Path) -> None:
+    """Model names get Ollama's :latest tag; backends get ports in order; aliases map."""
+    cfg = load_text(
+        tmp_path,
+        """
+[[backend]]
+name = "a"
+[[backend]]
+name = "b"
+gpus = [1]
+[[model]]
+name = "phi3"
+backend = "b"
+aliases = ["chat"]
+keep_alive = "30m"
+[[model]]
+name = "nomic-embed-text:v1.5"
+keep_alive = "adaptive"
+""",
+    )
+    assert [(b.name, b.port, b.gpus) for b in cfg.backends] == [
+        ("a", 11435, None),
+        ("b", 11436, (1,)),
+    ]
+    assert cfg.models[0].name == "phi3:latest"
+    assert cfg.models[0].keep_alive == 1800.0
+    assert cfg.models[1].keep_alive == "adaptive"
+    assert cfg.aliases() == {"chat": "phi3:latest"}
+
+
+def test_diff_backends(tmp_path: Path) -> None:
+    """Reload diffs backends by name into added, changed and removed."""
+    old = load_text(tmp_path, '[[backend]]\nname = "a"\n[[backend]]\nname = "b"\n')
+    new = load_text(
+        tmp_path, '[[backend]]\nname = "a"\n[[backend]]\nname = "b"\ngpus = [0]\nport = 11436\n'
+        '[[backend]]\nname = "c"\nport = 11437\n'
+    )
+    added, changed, removed = diff_backends(old, new)
+    assert [b.name for b in added] == ["c"]
+    assert [b.name for b in changed] == ["b"]
+    assert removed == []
+    added, changed, removed = diff_backends(new, old)
+    assert [b.name for b in removed] == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600), ("1h30m", 5400), ("-1m", -60), ("0", 0), ("1.5s", 1.5), ("300ms", 0.3)],
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    """Go duration strings parse as time.ParseDuration does."""
+    assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(("text", "message"), [("-1", "missing unit"), ("300", "missing unit"),
+                                                ("5x", "invalid duration"), ("", "invalid")])
+def test_go_duration_errors(text: str, message: str) -> None:
+    """A number without a unit is Go's 'missing unit' error, as Ollama answers it."""
+    with pytest.raises(ValueError, match=message):
+        parse_go_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(100, 100), ("32MiB", 32 * 1024**2), ("24GB", 24 * 10**9), ("1.5GiB", int(1.5 * 1024**3))],
+)
+def test_sizes(value: object, size: int) -> None:
+    """Sizes accept bytes or unit strings."""
+    assert parse_size(value) == size
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    """`llmd --check-config` exits 0 on a valid file and 1 naming the key on an invalid one."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "llmd.daemon", "--check-config", str(REFERENCE)],
+        capture_output=True, text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[proxy]\nlisten = "nope"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "llmd.daemon", "--check-config", str(bad)],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 1
+    assert "proxy.listen" in r.stderr and "HOST:PORT" in r.stderr

@@ -1,0 +1,446 @@
+"""Tests for llmd.store against real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmd import store as store_module
+from llmd.policy import IdleHistogram
+from llmd.store import DAY_S, RequestRecord, Store
+
+T0 = 1_700_006_400.0  # 2023-11-15 00:00:00 UTC
+
+
+class Clock:
+    """A settable clock."""
+
+    def __init__(self, t: float = T0 + 3600) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def req(t: float, model: str = "m", duration_s: float = 1.0, **kw: Any) -> RequestRecord:
+    return RequestRecord(
+        time=t, model=model, endpoint="/api/chat", status=200, duration_s=duration_s, **kw
+    )
+
+
+def hist(*gaps: float) -> dict[str, Any]:
+    h = IdleHistogram()
+    for g in gaps:
+        h.add(g)
+    return h.to_dict()
+
+
+def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(sql, params).fetchall()
+    conn.close()
+    return rows
+
+
+def overwrite_start(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "llmd.db"
+
+
+@pytest.fixture
+async def opener(db_path: Path, clock: Clock) -> AsyncIterator[Callable[..., Any]]:
+    """Open stores that are closed at the end of the test."""
+    opened: list[Store] = []
+
+    async def open_(path: Path = db_path, **kw: Any) -> Store:
+        kw.setdefault("clock", clock)
+        kw.setdefault("busy_timeout_s", 0.05)
+        s = await Store.open(path, **kw)
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        await s.close()
+
+
+async def test_new_database_has_schema_wal_and_version(opener, db_path):
+    """A new database is created in WAL mode with the current schema version."""
+    s = await opener()
+    assert s.degraded is None
+    assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert query(db_path, "PRAGMA user_version") == [(store_module.SCHEMA_VERSION,)]
+
+
+async def test_requests_are_buffered_then_written_in_one_flush(opener, db_path):
+    """record_request only buffers; flush writes every field of the batch."""
+    s = await opener()
+    s.record_request(
+        req(T0, ttfb_s=0.2, waited_for_load=True, load_duration_s=3.5, prompt_tokens=7)
+    )
+    s.record_request(req(T0 + 10, model="n"))
+    assert query(db_path, "SELECT count(*) FROM requests") == [(0,)]
+    assert s.status()["pending"] == 2
+
+    assert await s.flush()
+    rows = query(db_path, "SELECT * FROM requests ORDER BY time")
+    assert rows == [
+        (1, T0, "m", "/api/chat", 200, 0.2, 1.0, 1, 3.5, 7, None),
+        (2, T0 + 10, "n", "/api/chat", 200, None, 1.0, 0, None, None, None),
+    ]
+    assert s.status() == {
+        "path": str(db_path),
+        "degraded": None,
+        "pending": 0,
+        "dropped": 0,
+        "rows": 2,
+        "moved_aside": None,
+    }
+
+
+async def test_idle_gaps_are_rolled_up_in_start_order(opener):
+    """Gaps run from the end of the latest busy period to the next start; overlaps add none."""
+    s = await opener()
+    # Recorded in end order, as the proxy does: the long first request ends last.
+    s.record_request(req(T0 + 100, duration_s=5))  # gap 100 - 10 = 90
+    s.record_request(req(T0 + 103, duration_s=1))  # overlaps: no gap, busy until 105
+    s.record_request(req(T0, duration_s=10))
+    s.record_request(req(T0 + 400))  # gap 400 - 105 = 295
+    s.record_request(req(T0 + 50, model=""))  # no model: not idle history
+    await s.flush()
+    assert s.idle_histogram("m").to_dict() == hist(90, 295)
+    assert s.idle_histogram("other").samples == 0
+
+    s.record_request(req(T0 + 1000))  # a later flush continues from the watermark
+    await s.flush()
+    assert s.idle_histogram("m").to_dict() == hist(90, 295, 599)
+
+
+async def test_non_finite_request_is_dropped(opener, db_path):
+    """A record with a NaN time is dropped and counted, and does not block the batch."""
+    s = await opener()
+    s.record_request(req(float("nan")))
+    s.record_request(req(T0))
+    assert await s.flush()
+    assert s.status()["dropped"] == 1
+    assert query(db_path, "SELECT count(*) FROM requests") == [(1,)]
+
+
+async def test_idle_histogram_returns_a_copy(opener):
+    """Merging into a returned histogram does not change the store's."""
+    s = await opener()
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+    await s.flush()
+    s.idle_histogram("m").merge(s.idle_histogram("m"))
+    assert s.idle_histogram("m").samples == 1
+
+
+async def test_histograms_are_kept_per_utc_day(opener, clock):
+    """idle_histogram(days=N) merges the last N UTC days, today included."""
+    s = await opener()
+    s.record_request(req(T0 - 200))
+    s.record_request(req(T0 - 100))  # gap 99 yesterday
+    s.record_request(req(T0 + 100))  # gap 199 today
+    await s.flush()
+    assert s.idle_histogram("m", days=1).to_dict() == hist(199)
+    assert s.idle_histogram("m", days=2).to_dict() == hist(99, 199)
+    clock.t += DAY_S  # the cached merge notices the new day
+    assert s.idle_histogram("m", days=1).samples == 0
+    assert s.idle_histogram("m", days=2).to_dict() == hist(199)
+
+
+async def test_prune_forgets_rows_events_and_histograms_past_retention(opener, db_path, clock):
+    """Raw rows, events and day histograms older than retention_days are deleted."""
+    s = await opener(retention_days=2)
+    s.record_request(req(T0 - 200))
+    s.record_request(req(T0 - 100))  # old day's gap
+    s.record_event("load", model="m")
+    await s.flush()
+    clock.t += 2 * DAY_S + 1
+    s.record_request(req(clock.t - 60))  # gap, today
+    s.record_event("unload", model="m")
+    await s.flush()
+
+    await s.prune()
+    assert query(db_path, "SELECT count(*) FROM requests") == [(1,)]
+    assert query(db_path, "SELECT kind FROM events") == [("unload",)]
+    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(1,)]
+    assert s.idle_histogram("m", days=14).samples == 1
+    assert s.status()["rows"] == 1
+
+
+async def test_events_newest_first_with_filters(opener, clock):
+    """events() lists newest first, unwritten ones included, filtered by model and since."""
+    s = await opener()
+    for i, kind in enumerate(["load", "pin", "evict", "crash"]):
+        clock.t = T0 + i
+        s.record_event(kind, model="a" if i % 2 == 0 else "b", backend="gpu0", reason=f"r{i}")
+        if i == 1:
+            await s.flush()  # two written, two still buffered
+    evs = await s.events()
+    assert [e["kind"] for e in evs] == ["crash", "evict", "pin", "load"]
+    assert evs[0] == {
+        "time": T0 + 3,
+        "kind": "crash",
+        "model": "b",
+        "backend": "gpu0",
+        "reason": "r3",
+    }
+    assert [e["kind"] for e in await s.events(model="a")] == ["evict", "load"]
+    assert [e["kind"] for e in await s.events(since=T0 + 1)] == ["crash", "evict", "pin"]
+    assert [e["kind"] for e in await s.events(limit=1)] == ["crash"]
+
+
+async def test_model_facts_average_load_times_and_keep_unset_fields(opener):
+    """load_s is a moving average of loads; a None argument keeps the old value."""
+    s = await opener()
+    assert s.model_facts("m") is None
+    await s.set_model_facts("m", size_vram=5_000, size=6_000, load_s=10.0)
+    f = await s.set_model_facts("m", load_s=20.0)
+    assert (f.size_vram, f.size, f.loads) == (5_000, 6_000, 2)
+    assert 10.0 < f.load_s < 20.0
+    assert s.model_facts("m") == f
+    assert s.all_model_facts() == {"m": f}
+
+
+async def test_learned_state_survives_restart(opener, db_path, clock):
+    """Histograms, the roll-up watermark, pins and facts come back after close and reopen."""
+    s = await opener()
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+    await s.set_pin("a", True)
+    await s.set_pin("b", True)
+    await s.set_pin("b", False)
+    facts = await s.set_model_facts("m", size_vram=1, load_s=2.0)
+    await s.close()
+
+    s2 = await opener()
+    assert s2.idle_histogram("m").to_dict() == hist(99)
+    assert s2.pins() == {"a"}
+    assert s2.model_facts("m") == facts
+    s2.record_request(req(T0 + 300))  # counted once, from the persisted watermark
+    await s2.flush()
+    assert s2.idle_histogram("m").to_dict() == hist(99, 199)
+    assert query(db_path, "SELECT count(*) FROM requests") == [(3,)]
+
+
+async def test_run_flushes_each_interval_and_on_stop(opener, db_path):
+    """run() writes within its flush interval and once more when stopped."""
+    s = await opener()
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run(stop, flush_s=0.02))
+    s.record_request(req(T0))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if s.status()["pending"] == 0:
+            break
+    assert query(db_path, "SELECT count(*) FROM requests") == [(1,)]
+    s.record_request(req(T0 + 5))
+    stop.set()
+    await task
+    assert query(db_path, "SELECT count(*) FROM requests") == [(2,)]
+
+
+async def test_corrupt_database_is_moved_aside_and_replaced(opener, db_path, caplog):
+    """A file that is not a database is renamed .corrupt-<time> and a new one is started."""
+    db_path.write_bytes(b"this is not a database" * 100)
+    s = await opener()
+    assert s.degraded is None
+    aside = db_path.with_name("llmd.db.corrupt-20231115T010000Z")
+    assert s.moved_aside == aside
+    assert aside.read_bytes().startswith(b"this is not")
+    assert "is corrupt" in caplog.text
+    s.record_request(req(T0))
+    assert await s.flush()
+    assert query(db_path, "SELECT count(*) FROM requests") == [(1,)]
+    assert s.status()["moved_aside"] == str(aside)
+
+
+async def test_unopenable_path_degrades_and_keeps_learning_in_memory(opener, tmp_path):
+    """A database that cannot be opened degrades the store; it still rolls up and never raises."""
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "llmd.db"
+    s = await opener(path)
+    assert s.degraded == (
+        f"cannot open database {path}: {tmp_path / 'file'} is not a directory;"
+        " learned state is not being saved"
+    )
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+    s.record_event("load", model="m")
+    await s.set_pin("m", True)
+    assert not await s.flush()
+    assert s.idle_histogram("m").to_dict() == hist(99)
+    assert s.pins() == {"m"}
+    assert [e["kind"] for e in await s.events()] == ["load", "degraded"]
+    assert s.status()["pending"] == 4
+    await s.prune()
+    await s.close()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+async def test_unwritable_directory_degrades(opener, tmp_path):
+    """A state directory without write permission degrades the store."""
+    d = tmp_path / "ro"
+    d.mkdir(mode=0o500)
+    s = await opener(d / "llmd.db")
+    assert s.degraded is not None and "no write permission" in s.degraded
+
+
+async def test_buffers_are_bounded_and_drops_counted(opener, tmp_path):
+    """With no database, the oldest records are dropped and counted; gaps are still learned."""
+    (tmp_path / "file").write_text("")
+    s = await opener(tmp_path / "file" / "llmd.db", max_pending=5)
+    for i in range(8):
+        s.record_request(req(T0 + 100 * i))
+    for _ in range(7):
+        s.record_event("load")
+    await s.flush()
+    assert s.status()["pending"] == 10
+    assert s.status()["dropped"] == 3 + 3  # the events' first is the store's own "degraded"
+    assert s.idle_histogram("m").samples == 7
+
+
+async def test_locked_database_keeps_batch_until_lock_is_released(opener, db_path):
+    """A write lock held elsewhere degrades the store; the batch is written once it is free."""
+    s = await opener()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        s.record_request(req(T0))
+        s.record_request(req(T0 + 100))
+        assert not await s.flush()
+        assert s.degraded is not None and "is locked by another process" in s.degraded
+        locked_reason = s.degraded
+        await s.set_pin("m", True)  # does not wait out the lock
+        assert s.status()["pending"] == 2 + 1  # and the store's own "degraded" event
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await s.flush()
+    assert s.degraded is None
+    assert query(db_path, "SELECT count(*) FROM requests") == [(2,)]
+    assert query(db_path, "SELECT model FROM pins") == [("m",)]
+    assert query(db_path, "SELECT kind, reason FROM events") == [("degraded", locked_reason)]
+    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(1,)]
+
+
+async def test_locked_at_open_merges_memory_into_database_later(opener, db_path):
+    """State learned while the database was unreadable is merged with what it held."""
+    s = await opener()
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+    await s.set_pin("a", True)
+    await s.set_model_facts("m", size_vram=10, load_s=4.0)
+    await s.close()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("PRAGMA journal_mode = DELETE")  # so that an exclusive lock blocks readers
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        s2 = await opener()
+        assert s2.degraded is not None and "locked" in s2.degraded
+        s2.record_request(req(T0 + 300))  # gap 199 from the database's watermark, at merge
+        s2.record_request(req(T0 + 400))  # gap 99 while degraded
+        await s2.set_pin("b", True)
+        await s2.set_model_facts("m", load_s=4.0)
+        assert not await s2.flush()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await s2.flush()
+    assert s2.idle_histogram("m").to_dict() == hist(99, 199, 99)
+    assert s2.pins() == {"a", "b"}
+    facts = s2.model_facts("m")
+    assert facts is not None and (facts.size_vram, facts.loads) == (10, 2)
+    await s2.close()
+    s3 = await opener()
+    assert s3.idle_histogram("m").to_dict() == hist(99, 199, 99)
+    assert s3.pins() == {"a", "b"}
+    assert query(db_path, "SELECT count(*) FROM requests") == [(4,)]
+
+
+async def test_full_disk_keeps_batch_for_retry(opener, db_path):
+    """A write that runs out of space is rolled back and retried; nothing is counted twice."""
+    s = await opener()
+    s.record_request(req(T0))
+    await s.flush()
+    ((pages,),) = query(db_path, "PRAGMA page_count")
+    # The seam: SQLite's own size cap raises the same SQLITE_FULL a full disk does.
+    await s._db.execute(f"PRAGMA max_page_count = {pages}")
+    for i in range(1, 300):
+        s.record_request(req(T0 + 100 * i, model="x" * 200))
+    assert not await s.flush()
+    assert s.degraded is not None and "disk is full" in s.degraded
+    assert s.status()["pending"] == 299 + 1  # and the store's own "degraded" event
+    await s._db.execute("PRAGMA max_page_count = 1000000")
+    assert await s.flush()
+    assert query(db_path, "SELECT count(*) FROM requests") == [(300,)]
+    assert s.idle_histogram("x" * 200).samples == 298
+
+
+async def test_newer_schema_degrades_without_touching_the_file(opener, db_path):
+    """A database from a newer llmd is left alone and the store runs from memory."""
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    s = await opener()
+    assert s.degraded == (
+        f"database {db_path} has schema version 99, newer than this llmd's"
+        f" {store_module.SCHEMA_VERSION} (written by a newer llmd?);"
+        " learned state is not being saved"
+    )
+    s.record_request(req(T0))
+    assert not await s.flush()
+    assert query(db_path, "SELECT count(*) FROM sqlite_master") == [(0,)]
+
+
+async def test_migrations_upgrade_an_older_database(opener, db_path, monkeypatch):
+    """Numbered migrations bring an older database up to SCHEMA_VERSION."""
+    s = await opener()
+    await s.close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(
+        store_module, "MIGRATIONS", {2: "ALTER TABLE events ADD COLUMN extra TEXT;"}
+    )
+    s2 = await opener()
+    assert s2.degraded is None
+    assert query(db_path, "PRAGMA user_version") == [(2,)]
+    assert "extra" in [r[1] for r in query(db_path, "PRAGMA table_info(events)")]
+
+
+async def test_corruption_found_while_running_moves_the_file_aside(opener, db_path, clock):
+    """Corruption found by a write moves the file aside; memory's whole state goes to a new one."""
+    s = await opener()
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+    await s.set_pin("a", True)
+    assert await s.flush()
+    # Checkpoint from outside, so the store must read pages from the file, then break the file.
+    query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    overwrite_start(db_path, b"garbage!" * 512)
+    s.record_request(req(T0 + 300))
+    assert not await s.flush()
+    assert s.degraded is not None and "is corrupt" in s.degraded
+    assert s.moved_aside is not None and s.moved_aside.exists()
+    assert await s.flush()
+    assert s.degraded is None
+    assert query(db_path, "SELECT model FROM pins") == [("a",)]
+    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(1,)]
+    assert s.idle_histogram("m").to_dict() == hist(99, 199)
