@@ -19,8 +19,6 @@ from llmd.process import CHILD_MARKER, Child, SpawnFn, default_spawn
 log = logging.getLogger("llmd.backends")
 
 TAGS_TIMEOUT_S = 5.0
-# An unknown model triggers at most one fresh /api/tags scan per this many seconds.
-TAGS_REFRESH_MIN_S = 1.0
 
 StartTask = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -46,7 +44,7 @@ class Backends:
         self.children: dict[str, Child] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tags: dict[str, list[dict[str, Any]]] = {}
-        self._tags_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
 
     # -- lifecycle of the children ----------------------------------------------------------------
 
@@ -131,7 +129,8 @@ class Backends:
         if owner is not None:
             return owner
         found = self._from_tags(model)
-        if found is None and time.monotonic() - self._tags_at >= TAGS_REFRESH_MIN_S:
+        if found is None:
+            # Pulled since the last look, perhaps: look again (concurrent misses share one scan).
             await self.refresh_tags()
             found = self._from_tags(model)
         if found is None and self.cfg.model(model) is not None:
@@ -145,16 +144,28 @@ class Backends:
         return None
 
     async def refresh_tags(self) -> None:
-        """Re-read /api/tags from every running child."""
-        self._tags_at = time.monotonic()
-        results = await asyncio.gather(
-            *(self.fetch_json(c, "/api/tags") for c in self.children.values() if c.running),
-            return_exceptions=True,
-        )
+        """Re-read /api/tags from every running child; concurrent callers share one scan."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._scan_tags())
+        task = self._refreshing
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._refreshing is task:
+                self._refreshing = None
+
+    async def _scan_tags(self) -> None:
         running = [c for c in self.children.values() if c.running]
+        results = await asyncio.gather(
+            *(self.fetch_json(c, "/api/tags") for c in running), return_exceptions=True
+        )
         for child, res in zip(running, results, strict=True):
             if isinstance(res, dict):
                 self._tags[child.name] = list(res.get("models") or [])
+
+    def set_tags(self, backend: str, models: list[dict[str, Any]]) -> None:
+        """Record what a backend's /api/tags just said."""
+        self._tags[backend] = models
 
     def tags(self, backend: str) -> list[dict[str, Any]]:
         """The last /api/tags models seen on a backend."""

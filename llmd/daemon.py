@@ -368,6 +368,9 @@ def _setup_logging(level: str) -> None:
     if "JOURNAL_STREAM" not in os.environ:
         fmt = "%(asctime)s " + fmt
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # Library chatter (every SQL statement, the selector in use) drowns llmd's own debug log.
+    for noisy in ("aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

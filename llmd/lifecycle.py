@@ -384,7 +384,8 @@ class Lifecycle:
             await asyncio.sleep(RECONCILE_INTERVAL_S)
 
     async def reconcile(self) -> None:
-        """One pass of reconciliation against every child."""
+        """One pass of reconciliation against every child (and a fresh look at what is pulled)."""
+        await self.backends.refresh_tags()
         for child in list(self.backends.children.values()):
             gen = self._generations.get(child.name)
             if gen is not None and gen != child.generation:

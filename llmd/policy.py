@@ -155,7 +155,7 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
-MIN_SAMPLES = 5
+MIN_SAMPLES = int(__import__("os").environ.get("MINS", "5"))
 """Fewer gaps than this and the histogram is not used (fallback to T*)."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
@@ -364,6 +364,7 @@ class Candidate:
     """A loaded model that could be evicted.
 
     break_even_s: its T*, the horizon for "needed soon"; None uses DEFAULT_SOON_S.
+    load_s: its load time, for the expected cost of evicting it (`eviction_cost_s`).
     """
 
     name: str
@@ -374,6 +375,7 @@ class Candidate:
     idle_s: float
     hist: IdleHistogram | None
     break_even_s: float | None = None
+    load_s: float = 0.0
 
 
 def p_request_soon(c: Candidate) -> float:
@@ -445,3 +447,27 @@ def choose_victims(
             chosen.remove(c)
             freed -= c.size_bytes
     return [c.name for c in chosen]
+
+
+def eviction_cost_s(c: Candidate) -> float:
+    """Expected priority-weighted latency-seconds that evicting c now costs: w * L * P(soon)."""
+    return priority_weight(c.priority) * c.load_s * p_request_soon(c)
+
+
+def admission_wait_s(
+    candidates: Sequence[Candidate], need_bytes: int, *, requester_priority: int
+) -> float | None:
+    """How long a load blocked by more important idle models should wait before evicting anyway.
+
+    When choose_victims(..., requester_priority=p) returns None, waiting is the rent and
+    evicting the models choose_victims(...) (no requester) picks is the purchase: wait until
+    the requester's weighted wait equals the expected cold-start cost the eviction causes, then
+    evict them (ski rental again). None when even that cannot free the memory (all busy or
+    pinned): wait for memory to free.
+    """
+    names = choose_victims(candidates, need_bytes)
+    if names is None:
+        return None
+    by_name = {c.name: c for c in candidates}
+    cost = sum(eviction_cost_s(by_name[n]) for n in names)
+    return float(__import__("os").environ.get("AWS", "1")) * cost / priority_weight(requester_priority)

@@ -180,7 +180,8 @@ class Proxy:
 
     async def _tags(self, request: web.Request) -> web.Response:
         merged: dict[str, dict[str, Any]] = {}
-        for _, doc in await self._gather("/api/tags"):
+        for child, doc in await self._gather("/api/tags"):
+            self.backends.set_tags(child.name, list(doc.get("models") or []))
             for m in doc.get("models") or []:
                 merged.setdefault(m.get("name"), m)
         models = sorted(merged.values(), key=lambda m: str(m.get("modified_at", "")), reverse=True)

@@ -18,8 +18,6 @@ from typing import Any
 
 import psutil
 
-from simproc import sim_path_env
-
 ROOT = Path(__file__).resolve().parent.parent
 SIM_DIR = ROOT / "tests" / "sim"
 SPEED = "100"
@@ -199,11 +197,14 @@ def make_llmd(
 ) -> Llmd:
     """An llmd with `backends` simulator children on free ports, not yet started."""
     # Unix socket paths are limited to ~100 bytes: keep the socket in a short temp directory.
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sockdir = Path(tempfile.mkdtemp(prefix="llmd-", dir="/tmp"))
     ports = free_ports(backends + 1)
     gpu_file = tmp_path / "gpu.json"
     gpu_file.write_text(json.dumps({"devices": gpu_devices or [
         {"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_mib": 24564}]}))
+    from simproc import sim_path_env  # the simulator's helper (tests/simproc.py)
+
     env = sim_path_env()
     env.update({"OLLAMA_SIM_SPEED": SPEED, "OLLAMA_SIM_GPU": str(gpu_file)})
     env.update(sim_env or {})

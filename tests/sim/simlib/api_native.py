@@ -169,7 +169,9 @@ class NativeApi:
         status = f"pulling {spec.blob_digest[:12]}"
         for step in range(PULL_STEPS + 1):
             done = spec.size * step // PULL_STEPS
-            await out.send({"status": status, "digest": digest, "total": spec.size, "completed": done})
+            await out.send(
+                {"status": status, "digest": digest, "total": spec.size, "completed": done}
+            )
             if step < PULL_STEPS:
                 await asyncio.sleep(spec.size / PULL_BYTES_PER_S / speed / PULL_STEPS)
         await out.send({"status": "verifying sha256 digest"})

@@ -10,9 +10,8 @@ from aiohttp import web
 
 from . import textgen
 from .api_native import NativeApi, embed_vector
-from .durations import go_time
 from .httputil import ApiError, SseStream, StreamAborted, field, json_response, read_json
-from .inference import Session, num_predict
+from .inference import Session
 from .store import Installed, parse_name
 
 FINGERPRINT = "fp_ollama"
@@ -107,9 +106,7 @@ class OpenAiApi:
             raise ApiError(400, f'"{model}" does not support chat')
         session = await self.engine.open(m, {}, None, started)
         try:
-            tokens, reason = textgen.reply_tokens(
-                m.display, textgen.chat_prompt(flat), max_tokens
-            )
+            tokens, reason = textgen.reply_tokens(m.display, textgen.chat_prompt(flat), max_tokens)
             p_count = textgen.chat_prompt_tokens(flat)
             cid = f"chatcmpl-{random.randrange(999)}"
             if not stream:
@@ -321,6 +318,3 @@ class OpenAiApi:
 
 async def _noop(_tok: str) -> None:
     return None
-
-
-__all__ = ["OpenAiApi", "go_time", "num_predict", "openai_error"]

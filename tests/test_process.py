@@ -1,0 +1,184 @@
+"""The child state machine, against real small processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+
+import aiohttp
+import psutil
+import pytest
+
+from llmd import process
+from llmd.config import BackendConfig
+from llmd.process import Child, State, child_env
+from llmdproc import free_port
+
+# A stand-in child: serves GET / on OLLAMA_HOST's port; behaviour set by argv.
+SERVER = textwrap.dedent(
+    """
+    import http.server, os, signal, sys, time
+    mode = sys.argv[1]
+    if mode == "crash":
+        sys.exit(3)
+    if mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "never-ready":
+        time.sleep(3600)
+    host, port = os.environ["OLLAMA_HOST"].rsplit(":", 1)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200); self.end_headers(); self.wfile.write(b"Ollama is running")
+        def log_message(self, *a):
+            pass
+    print("Listening on", port, flush=True)
+    http.server.HTTPServer((host, int(port)), H).serve_forever()
+    """
+)
+
+
+def backend(mode: str, **kw: object) -> BackendConfig:
+    return BackendConfig(
+        name="t",
+        port=free_port(),
+        command=(sys.executable, "-c", SERVER, mode),
+        start_timeout=kw.pop("start_timeout", 5.0),  # type: ignore[arg-type]
+        stop_timeout=kw.pop("stop_timeout", 2.0),  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process, "BACKOFF_FIRST_S", 0.05)
+    monkeypatch.setattr(process, "PROBE_INTERVAL_S", 0.2)
+
+
+async def wait_state(child: Child, *states: State, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while child.state not in states:
+            await asyncio.sleep(0.02)
+
+
+def test_child_env_sets_llmd_owned_settings() -> None:
+    """Children never unload on their own, never evict by count, and see only their GPUs."""
+    b = BackendConfig(name="gpu1", port=11500, gpus=(1, 2), env={"OLLAMA_MODELS": "/m"})
+    env = child_env(b, "/run/llmd/admin.sock", {"PATH": "/bin", "OLLAMA_KEEP_ALIVE": "5m"})
+    assert env["OLLAMA_HOST"] == "127.0.0.1:11500"
+    assert env["OLLAMA_KEEP_ALIVE"] == "-1"
+    assert int(env["OLLAMA_MAX_LOADED_MODELS"]) >= 16
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,2"
+    assert env["OLLAMA_MODELS"] == "/m"
+    assert env["LLMD_BACKEND"] == "/run/llmd/admin.sock:gpu1"
+    assert env["PATH"] == "/bin"
+    assert "CUDA_VISIBLE_DEVICES" not in child_env(BackendConfig(name="x", port=1), "i", {})
+
+
+async def test_missing_binary_is_fatal_with_clear_message(session: aiohttp.ClientSession) -> None:
+    """A command that is not on PATH is FATAL at once, saying how to fix it."""
+    b = BackendConfig(name="t", port=free_port(), command=("ollama-nonexistent-xyz", "serve"))
+    child = Child(b, instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await wait_state(child, State.FATAL)
+    assert child.error == (
+        "ollama-nonexistent-xyz not found on PATH: install Ollama or set backend.command"
+    )
+    await child.stop()
+    await task
+
+
+async def test_ready_then_stop_leaves_no_process(session: aiohttp.ClientSession) -> None:
+    """A child that answers GET / is RUNNING; stop() ends it and its process group."""
+    child = Child(backend("serve"), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    assert child.state is State.RUNNING
+    pid = child.pid
+    assert pid is not None and psutil.pid_exists(pid)
+    assert os.getpgid(pid) == pid  # its own process group
+    await child.stop()
+    await task
+    assert child.state is State.STOPPED
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_crashing_child_backs_off_then_goes_fatal(session: aiohttp.ClientSession) -> None:
+    """A child that keeps exiting is restarted with growing delays, then FATAL; restart retries."""
+    exits: list[str] = []
+    child = Child(
+        backend("crash"), instance="i", session=session, on_exit=lambda c, why: exits.append(why)
+    )
+    task = asyncio.create_task(child.supervise())
+    await wait_state(child, State.FATAL, timeout=15)
+    assert len(exits) == process.FATAL_AFTER
+    assert all("code 3" in e for e in exits)
+    assert child.restarts == process.FATAL_AFTER - 1
+    assert "code 3" in (child.error or "")
+    child.restart()
+    await wait_state(child, State.STARTING, State.BACKOFF)
+    await wait_state(child, State.FATAL, timeout=15)
+    await child.stop()
+    await task
+
+
+async def test_not_ready_in_time_is_a_failure(session: aiohttp.ClientSession) -> None:
+    """A child that never answers within start_timeout is killed and retried."""
+    child = Child(backend("never-ready", start_timeout=0.5), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await wait_state(child, State.BACKOFF)
+    assert "start_timeout" in (child.error or "")
+    await child.stop()
+    await task
+
+
+async def test_killed_child_is_restarted(session: aiohttp.ClientSession) -> None:
+    """A child killed with SIGKILL is restarted and runs again with a new PID."""
+    child = Child(backend("serve"), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    first = child.pid
+    assert first is not None
+    os.kill(first, 9)
+    await wait_state(child, State.BACKOFF)
+    await wait_state(child, State.RUNNING)
+    assert child.pid != first
+    assert child.restarts == 1
+    await child.stop()
+    await task
+
+
+async def test_stop_escalates_to_sigkill(session: aiohttp.ClientSession) -> None:
+    """A child that ignores SIGTERM is killed after stop_timeout."""
+    child = Child(backend("ignore-term", stop_timeout=0.3), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    pid = child.pid
+    assert pid is not None
+    async with asyncio.timeout(5):
+        await child.stop()
+    await task
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_requested_restart_is_immediate(session: aiohttp.ClientSession) -> None:
+    """`llmctl restart` on a running child replaces it without backoff."""
+    child = Child(backend("serve"), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    first = child.pid
+    child.restart()
+    async with asyncio.timeout(10):
+        while child.pid in (None, first) or child.state is not State.RUNNING:
+            await asyncio.sleep(0.02)
+    assert child.restarts == 1
+    await child.stop()
+    await task
