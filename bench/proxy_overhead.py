@@ -35,8 +35,12 @@ async def one(
     session: aiohttp.ClientSession, url: str, stream: bool, tokens: int
 ) -> tuple[float, float]:
     """Latency and time to first byte of one generate request, in seconds."""
-    body = {"model": MODEL, "prompt": "benchmark", "stream": stream,
-            "options": {"num_predict": tokens}}
+    body = {
+        "model": MODEL,
+        "prompt": "benchmark",
+        "stream": stream,
+        "options": {"num_predict": tokens},
+    }
     t0 = time.perf_counter()
     ttfb = None
     async with session.post(url + "/api/generate", json=body) as r:
@@ -98,16 +102,18 @@ async def bench(direct: str, proxy: str, n: int, rounds: int) -> list[dict[str, 
                     acc[label]["ttfb"] += res["ttfb"]
                     acc[label]["rps"].append(res["rps"])
             d, p = acc["direct"], acc["llmd"]
-            out.append({
-                "case": name,
-                "requests_each": per_round * rounds,
-                "direct_p50_ms": pct(d["lat"], 50) * 1e3,
-                "llmd_p50_ms": pct(p["lat"], 50) * 1e3,
-                "added_p50_ms": (pct(p["lat"], 50) - pct(d["lat"], 50)) * 1e3,
-                "added_p99_ms": (pct(p["lat"], 99) - pct(d["lat"], 99)) * 1e3,
-                "added_ttfb_p50_ms": (pct(p["ttfb"], 50) - pct(d["ttfb"], 50)) * 1e3,
-                "throughput_ratio": statistics.mean(p["rps"]) / statistics.mean(d["rps"]),
-            })
+            out.append(
+                {
+                    "case": name,
+                    "requests_each": per_round * rounds,
+                    "direct_p50_ms": pct(d["lat"], 50) * 1e3,
+                    "llmd_p50_ms": pct(p["lat"], 50) * 1e3,
+                    "added_p50_ms": (pct(p["lat"], 50) - pct(d["lat"], 50)) * 1e3,
+                    "added_p99_ms": (pct(p["lat"], 99) - pct(d["lat"], 99)) * 1e3,
+                    "added_ttfb_p50_ms": (pct(p["ttfb"], 50) - pct(d["ttfb"], 50)) * 1e3,
+                    "throughput_ratio": statistics.mean(p["rps"]) / statistics.mean(d["rps"]),
+                }
+            )
     return out
 
 
@@ -119,8 +125,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmd-bench-") as tmp:
-        d = make_llmd(Path(tmp), sim_env={"OLLAMA_SIM_SPEED": args.speed},
-                      sections={"daemon": {"log_level": "warning"}})
+        d = make_llmd(
+            Path(tmp),
+            sim_env={"OLLAMA_SIM_SPEED": args.speed},
+            sections={"daemon": {"log_level": "warning"}},
+        )
         try:
             d.start()
             pull(d, MODEL)
@@ -129,12 +138,16 @@ def main() -> int:
             results = asyncio.run(bench(d.backend_url(0), d.url, args.requests, args.rounds))
         finally:
             cleanup(d)
-    print(f"{'case':38} {'direct p50':>10} {'llmd p50':>9} {'+p50':>8} {'+p99':>8} "
-          f"{'+ttfb p50':>9} {'thru ratio':>10}")
+    print(
+        f"{'case':38} {'direct p50':>10} {'llmd p50':>9} {'+p50':>8} {'+p99':>8} "
+        f"{'+ttfb p50':>9} {'thru ratio':>10}"
+    )
     for r in results:
-        print(f"{r['case']:38} {r['direct_p50_ms']:8.2f}ms {r['llmd_p50_ms']:7.2f}ms "
-              f"{r['added_p50_ms']:6.2f}ms {r['added_p99_ms']:6.2f}ms "
-              f"{r['added_ttfb_p50_ms']:7.2f}ms {r['throughput_ratio']:10.2f}")
+        print(
+            f"{r['case']:38} {r['direct_p50_ms']:8.2f}ms {r['llmd_p50_ms']:7.2f}ms "
+            f"{r['added_p50_ms']:6.2f}ms {r['added_p99_ms']:6.2f}ms "
+            f"{r['added_ttfb_p50_ms']:7.2f}ms {r['throughput_ratio']:10.2f}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"results": results}, indent=2))
     return 0

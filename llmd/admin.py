@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -98,7 +97,9 @@ class Admin:
         try:
             m = await self.d.lifecycle.load(name, child, reason="llmctl load")
         except LoadError as e:
-            raise AdminError(502 if e.status >= 500 else e.status, "load_failed", e.message)
+            raise AdminError(
+                502 if e.status >= 500 else e.status, "load_failed", e.message
+            ) from None
         return web.json_response(
             {"model": name, "backend": child.name, "state": m.state.value, "load_s": m.last_load_s}
         )
@@ -162,4 +163,4 @@ def prepare_socket(path: Path) -> None:
 
 def secure_socket(path: Path) -> None:
     """Owner and group may talk to the daemon; nobody else."""
-    os.chmod(path, SOCKET_MODE)
+    path.chmod(SOCKET_MODE)

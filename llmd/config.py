@@ -250,9 +250,18 @@ class _Section:
             raise self.fail(k, str(e)) from None
 
     def require(self, k: str, conv: Callable[[object], T]) -> T:
+        self.seen.add(k)
         if k not in self.table:
             raise self.fail(k, "is required")
-        return self.get(k, None, conv)  # type: ignore[arg-type]
+        try:
+            return conv(self.table[k])
+        except (ValueError, TypeError) as e:
+            raise self.fail(k, str(e)) from None
+
+    def raw(self, k: str, default: object) -> object:
+        """The value as TOML gave it, for a sub-table read on its own."""
+        self.seen.add(k)
+        return self.table.get(k, default)
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
@@ -353,7 +362,7 @@ def _choice(*choices: str) -> Callable[[object], str]:
 def _read_dataclass(file: Path, prefix: str, table: object, cls: type[T], **convs: Any) -> T:
     sec = _Section(file, prefix, table)
     kwargs = {}
-    defaults = cls()  # type: ignore[call-arg]
+    defaults = cls()
     for f in fields(cls):  # type: ignore[arg-type]
         kwargs[f.name] = sec.get(f.name, getattr(defaults, f.name), convs[f.name])
     sec.done()
@@ -382,7 +391,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     daemon = _read_dataclass(
         file,
         "daemon",
-        top.get("daemon", {}, lambda v: v),
+        top.raw("daemon", {}),
         DaemonConfig,
         state_dir=lambda v: Path(_str(v)),
         admin_socket=lambda v: Path(_str(v)),
@@ -393,7 +402,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     proxy = _read_dataclass(
         file,
         "proxy",
-        top.get("proxy", {}, lambda v: v),
+        top.raw("proxy", {}),
         ProxyConfig,
         listen=_listen,
         max_body_size=parse_size,
@@ -401,7 +410,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     keep_alive = _read_dataclass(
         file,
         "keep_alive",
-        top.get("keep_alive", {}, lambda v: v),
+        top.raw("keep_alive", {}),
         KeepAliveConfig,
         policy=_choice("adaptive", "fixed"),
         default=_positive_duration,
@@ -413,7 +422,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     gpu = _read_dataclass(
         file,
         "gpu",
-        top.get("gpu", {}, lambda v: v),
+        top.raw("gpu", {}),
         GpuConfig,
         probe=_choice("auto", "nvml", "nvidia-smi", "ollama", "none"),
         interval=_positive_duration,
@@ -423,8 +432,9 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         total=parse_size,
         admission_timeout=_positive_duration,
     )
-    backend_tables = top.get("backend", [], _table_list)
-    model_tables = top.get("model", [], _table_list)
+    no_tables: list[object] = []
+    backend_tables = top.get("backend", no_tables, _table_list)
+    model_tables = top.get("model", no_tables, _table_list)
     top.done()
 
     backends = tuple(_read_backend(file, i, t) for i, t in enumerate(backend_tables))

@@ -286,13 +286,13 @@ class Daemon:
     def models_doc(self) -> list[dict[str, Any]]:
         """Every configured, pulled or seen model with its state and keep-alive."""
         names: dict[str, str | None] = {}
-        for mc in self.cfg.models:
-            names[mc.name] = mc.backend or self.cfg.backends[0].name
+        for conf in self.cfg.models:
+            names[conf.name] = conf.backend or self.cfg.backends[0].name
         for b in self.cfg.backends:
             for t in self.backends.tags(b.name):
                 names.setdefault(t.get("name", ""), b.name)
-        for m in self.lifecycle.models.values():
-            names[m.name] = m.backend
+        for known in self.lifecycle.models.values():
+            names[known.name] = known.backend
         pins = self.store.pins()
         out = []
         now = time.monotonic()
@@ -359,7 +359,10 @@ def _port_in_use_message(listen: str, port: int, e: OSError) -> str:
                     )
                 break
     who = f" by {holder}" if holder else ""
-    return f"port {port} (proxy.listen = {listen!r}) is already in use{who}: stop it or change proxy.listen"
+    return (
+        f"port {port} (proxy.listen = {listen!r}) is already in use{who}: "
+        "stop it or change proxy.listen"
+    )
 
 
 def _setup_logging(level: str) -> None:

@@ -252,7 +252,8 @@ class Lifecycle:
                     "load-failed", model=m.name, backend=child.name, reason=e.message
                 )
             if isinstance(e, aiohttp.ClientError | TimeoutError):
-                raise LoadError(503, f"backend {child.name} failed while loading {m.name}: {e}")
+                why = f"backend {child.name} failed while loading {m.name}: {e}"
+                raise LoadError(503, why) from e
             raise
         load_s = time.monotonic() - t0
         m.last_load_s = load_s

@@ -470,4 +470,6 @@ def admission_wait_s(
         return None
     by_name = {c.name: c for c in candidates}
     cost = sum(eviction_cost_s(by_name[n]) for n in names)
-    return float(__import__("os").environ.get("AWS", "1")) * cost / priority_weight(requester_priority)
+    return (
+        float(__import__("os").environ.get("AWS", "1")) * cost / priority_weight(requester_priority)
+    )

@@ -202,7 +202,7 @@ class Child:
                 if ran_s >= FAST_FAILURE_S:
                     self._fast_failures = 0
                 self._fast_failures += 1
-                if self.state is State.FATAL or self._fast_failures >= FATAL_AFTER:
+                if self._spawn_failed() or self._fast_failures >= FATAL_AFTER:
                     log.error(
                         "backend %s: giving up: %s (llmctl restart %s retries)",
                         self.name,
@@ -275,6 +275,10 @@ class Child:
                 await asyncio.wait_for(pump, 2)
             self._proc = None
             self.pid = None
+
+    def _spawn_failed(self) -> bool:
+        """_run_once went straight to FATAL: the command cannot be started at all."""
+        return self.state is State.FATAL
 
     def _set_error(self, why: str) -> str:
         self.error = why

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -63,7 +62,9 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def render_toml(sections: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]) -> str:
+def render_toml(
+    sections: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]
+) -> str:
     out = []
     for name, table in sections.items():
         out.append(f"[{name}]")
@@ -109,7 +110,9 @@ class Llmd:
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [*llmd_argv(), "--config", str(self.config_path)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         if wait:
@@ -141,7 +144,10 @@ class Llmd:
     def llmctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*llmctl_argv(), "--socket", str(self.socket), *args],
-            capture_output=True, text=True, env=self.env, timeout=timeout,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
         )
 
     def status(self) -> dict[str, Any]:
@@ -201,8 +207,14 @@ def make_llmd(
     sockdir = Path(tempfile.mkdtemp(prefix="llmd-", dir="/tmp"))
     ports = free_ports(backends + 1)
     gpu_file = tmp_path / "gpu.json"
-    gpu_file.write_text(json.dumps({"devices": gpu_devices or [
-        {"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_mib": 24564}]}))
+    gpu_file.write_text(
+        json.dumps(
+            {
+                "devices": gpu_devices
+                or [{"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_mib": 24564}]
+            }
+        )
+    )
     from simproc import sim_path_env  # the simulator's helper (tests/simproc.py)
 
     env = sim_path_env()
@@ -274,7 +286,9 @@ def pull(d: Llmd, model: str, backend: int = 0) -> None:
         assert json.loads(r.read())["status"] == "success"
 
 
-def wait_for(pred: Any, timeout: float = 10, what: str = "condition", interval: float = 0.05) -> Any:
+def wait_for(
+    pred: Any, timeout: float = 10, what: str = "condition", interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
@@ -290,5 +304,3 @@ def pid_alive(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-

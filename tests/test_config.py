@@ -65,8 +65,8 @@ def test_reference_config_documents_every_field() -> None:
         ('[deamon]\nlog_level = "info"', "deamon", "unknown key"),
         ('[keep_alive]\ndefault = "300"', "keep_alive.default", "duration"),
         ('[keep_alive]\nmin = "2h"\nmax = "1h"', "keep_alive.min", "above keep_alive.max"),
-        ('[gpu]\nhigh_watermark = 1.5', "gpu.high_watermark", "fraction"),
-        ('[gpu]\nlow_watermark = 0.9\nhigh_watermark = 0.8', "gpu.low_watermark", "below"),
+        ("[gpu]\nhigh_watermark = 1.5", "gpu.high_watermark", "fraction"),
+        ("[gpu]\nlow_watermark = 0.9\nhigh_watermark = 0.8", "gpu.low_watermark", "below"),
         ('[gpu]\nprobe = "cuda"', "gpu.probe", "expected one of"),
         ("[[backend]]\nport = 1", "backend[0].name", "is required"),
         ('[[backend]]\nname = "a b"', "backend[0].name", "letters, digits"),
@@ -139,8 +139,9 @@ def test_diff_backends(tmp_path: Path) -> None:
     """Reload diffs backends by name into added, changed and removed."""
     old = load_text(tmp_path, '[[backend]]\nname = "a"\n[[backend]]\nname = "b"\n')
     new = load_text(
-        tmp_path, '[[backend]]\nname = "a"\n[[backend]]\nname = "b"\ngpus = [0]\nport = 11436\n'
-        '[[backend]]\nname = "c"\nport = 11437\n'
+        tmp_path,
+        '[[backend]]\nname = "a"\n[[backend]]\nname = "b"\ngpus = [0]\nport = 11436\n'
+        '[[backend]]\nname = "c"\nport = 11437\n',
     )
     added, changed, removed = diff_backends(old, new)
     assert [b.name for b in added] == ["c"]
@@ -159,8 +160,10 @@ def test_go_durations(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("text", "message"), [("-1", "missing unit"), ("300", "missing unit"),
-                                                ("5x", "invalid duration"), ("", "invalid")])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("-1", "missing unit"), ("300", "missing unit"), ("5x", "invalid duration"), ("", "invalid")],
+)
 def test_go_duration_errors(text: str, message: str) -> None:
     """A number without a unit is Go's 'missing unit' error, as Ollama answers it."""
     with pytest.raises(ValueError, match=message):
@@ -180,14 +183,16 @@ def test_check_config_cli(tmp_path: Path) -> None:
     """`llmd --check-config` exits 0 on a valid file and 1 naming the key on an invalid one."""
     ok = subprocess.run(
         [sys.executable, "-m", "llmd.daemon", "--check-config", str(REFERENCE)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[proxy]\nlisten = "nope"\n')
     r = subprocess.run(
         [sys.executable, "-m", "llmd.daemon", "--check-config", str(bad)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 1
     assert "proxy.listen" in r.stderr and "HOST:PORT" in r.stderr

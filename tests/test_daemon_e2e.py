@@ -9,9 +9,9 @@ import subprocess
 import threading
 import time
 import urllib.error
-from contextlib import closing
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import ollama
 import openai
 import psutil
 import pytest
-
 from llmdproc import Llmd, cleanup, make_llmd, pid_alive, pull, wait_for
 
 TINY = "tiny:1m"
@@ -66,8 +65,16 @@ def test_status_json_has_the_documented_fields(daemon: Factory) -> None:
     assert b["name"] == "b0" and b["state"] == "running" and b["port"] == d.backend_ports[0]
     assert pid_alive(b["pid"]) and b["restarts"] == 0
     m = next(m for m in st["models"] if m["name"] == TINY)
-    assert {"name", "backend", "state", "priority", "pinned", "keep_alive_s", "in_flight",
-            "size_vram"} <= m.keys()
+    assert {
+        "name",
+        "backend",
+        "state",
+        "priority",
+        "pinned",
+        "keep_alive_s",
+        "in_flight",
+        "size_vram",
+    } <= m.keys()
     assert (m["backend"], m["state"], m["priority"], m["pinned"]) == ("b0", "unloaded", 2, False)
     assert m["keep_alive_s"] == 600
     assert "gpu" in st
@@ -78,9 +85,10 @@ def test_status_json_has_the_documented_fields(daemon: Factory) -> None:
 def test_official_ollama_client_through_proxy(daemon: Factory) -> None:
     """The ollama client works unchanged through llmd: generate, chat, embed, ps, show, pull."""
     d = daemon().start()
-    with closing(ollama.Client(host=d.backend_url(0))) as direct, closing(
-        ollama.Client(host=d.url)
-    ) as c:
+    with (
+        closing(ollama.Client(host=d.backend_url(0))) as direct,
+        closing(ollama.Client(host=d.url)) as c,
+    ):
         ollama_session(c, direct)
 
 
@@ -91,10 +99,15 @@ def ollama_session(c: ollama.Client, direct: ollama.Client) -> None:
     r = c.generate(model=TINY, prompt="why is the sky blue?", options={"num_predict": 8})
     assert r.done and r.response
     # Same answer as the child gives directly: llmd does not touch the body.
-    assert r.response == direct.generate(
-        model=TINY, prompt="why is the sky blue?", options={"num_predict": 8}).response
-    parts = list(c.generate(model=TINY, prompt="stream me", stream=True,
-                            options={"num_predict": 6}))
+    assert (
+        r.response
+        == direct.generate(
+            model=TINY, prompt="why is the sky blue?", options={"num_predict": 8}
+        ).response
+    )
+    parts = list(
+        c.generate(model=TINY, prompt="stream me", stream=True, options={"num_predict": 6})
+    )
     assert len(parts) == 7 and parts[-1].done and parts[-1].done_reason
     chat = c.chat(model=TINY, messages=[{"role": "user", "content": "hi"}])
     assert chat.message.role == "assistant" and chat.message.content
@@ -117,8 +130,11 @@ def test_official_openai_client_through_proxy(daemon: Factory) -> None:
 def openai_session(c: openai.OpenAI) -> None:
     r = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hello"}])
     assert r.choices[0].message.content
-    chunks = list(c.chat.completions.create(
-        model=TINY, messages=[{"role": "user", "content": "hello"}], stream=True))
+    chunks = list(
+        c.chat.completions.create(
+            model=TINY, messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content
     emb = c.embeddings.create(model=EMBED, input="hello")
@@ -135,8 +151,9 @@ def test_tags_and_ps_are_merged_and_requests_routed_to_owner(daemon: Factory) ->
     tags = {m["name"] for m in d.get("/api/tags")["models"]}
     assert {TINY, "phi3:mini"} <= tags
     for model in (TINY, "phi3:mini"):
-        status, body = post(d.url + "/api/generate", {"model": model, "prompt": "x",
-                                                      "stream": False})
+        status, body = post(
+            d.url + "/api/generate", {"model": model, "prompt": "x", "stream": False}
+        )
         assert status == 200, body
     assert "phi3:mini" in child_ps(d, 1) and "phi3:mini" not in child_ps(d, 0)
     assert TINY in child_ps(d, 0)
@@ -149,8 +166,7 @@ def test_tags_and_ps_are_merged_and_requests_routed_to_owner(daemon: Factory) ->
 def test_alias_resolves_to_model(daemon: Factory) -> None:
     """A configured alias reaches its model."""
     d = daemon(models=[{"name": TINY, "aliases": ["small"]}]).start()
-    status, body = post(d.url + "/api/generate", {"model": "small", "prompt": "x",
-                                                  "stream": False})
+    status, body = post(d.url + "/api/generate", {"model": "small", "prompt": "x", "stream": False})
     assert status == 200 and body["model"] == TINY
     assert TINY in child_ps(d)
 
@@ -160,8 +176,9 @@ def test_error_shapes(daemon: Factory) -> None:
     d = daemon(sections={"proxy": {"max_body_size": "1KiB"}}).start()
     status, body = post(d.url + "/api/generate", {"model": "nope", "prompt": "x"})
     assert (status, body) == (404, {"error": "model 'nope:latest' not found"})
-    status, body = post(d.url + "/api/chat", {"model": TINY, "messages": [
-        {"role": "user", "content": "x" * 2000}]})
+    status, body = post(
+        d.url + "/api/chat", {"model": TINY, "messages": [{"role": "user", "content": "x" * 2000}]}
+    )
     assert status == 413 and "max_body_size" in body["error"]
     status, body = post(d.url + "/api/generate", None, raw=b'{"model": ')
     assert status == 400 and "invalid JSON" in body["error"]
@@ -179,8 +196,9 @@ def test_error_shapes(daemon: Factory) -> None:
 def test_client_keep_alive_does_not_shorten_llmds(daemon: Factory) -> None:
     """A client's keep_alive is rewritten: the model stays for llmd's keep-alive, not 1s."""
     d = daemon(sections={"keep_alive": {"default": "1h", "policy": "fixed"}}).start()
-    status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False,
-                                               "keep_alive": "1s"})
+    status, _ = post(
+        d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False, "keep_alive": "1s"}
+    )
     assert status == 200
     time.sleep(2.5)
     assert TINY in child_ps(d)
@@ -200,8 +218,9 @@ def test_fixed_keep_alive_expiry_unloads(daemon: Factory) -> None:
     wait_for(lambda: TINY not in child_ps(d), timeout=10, what="keep-alive unload")
     assert d.model(TINY)["state"] == "unloaded"
     events = json.loads(d.llmctl("events", "--json").stdout)["events"]
-    assert any(e["kind"] == "unload" and e["model"] == TINY and "keep-alive" in e["reason"]
-               for e in events)
+    assert any(
+        e["kind"] == "unload" and e["model"] == TINY and "keep-alive" in e["reason"] for e in events
+    )
 
 
 def test_client_unload_is_honoured(daemon: Factory) -> None:
@@ -220,8 +239,9 @@ def test_concurrent_cold_requests_share_one_load(daemon: Factory) -> None:
     results: list[int] = []
 
     def go() -> None:
-        results.append(post(d.url + "/api/generate", {"model": TINY2, "prompt": "x",
-                                                      "stream": False})[0])
+        results.append(
+            post(d.url + "/api/generate", {"model": TINY2, "prompt": "x", "stream": False})[0]
+        )
 
     threads = [threading.Thread(target=go) for _ in range(6)]
     for t in threads:
@@ -237,8 +257,14 @@ def test_killed_child_is_restarted_and_serves_again(daemon: Factory) -> None:
     d = daemon().start()
     [pid] = d.child_pids()
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: d.status()["backends"][0]["restarts"] >= 1
-             and d.status()["backends"][0]["state"] == "running", timeout=20, what="restart")
+    wait_for(
+        lambda: (
+            d.status()["backends"][0]["restarts"] >= 1
+            and d.status()["backends"][0]["state"] == "running"
+        ),
+        timeout=20,
+        what="restart",
+    )
     assert d.child_pids() != [pid]
     status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})
     assert status == 200
@@ -286,11 +312,15 @@ def test_kill9_of_llmd_leaves_no_child(daemon: Factory) -> None:
 def test_stale_child_of_earlier_llmd_is_stopped(daemon: Factory) -> None:
     """A child left on a backend port by an earlier llmd is stopped before the new one starts."""
     d = daemon()
-    env = dict(d.env, OLLAMA_HOST=f"127.0.0.1:{d.backend_ports[0]}",
-               LLMD_BACKEND=f"{d.socket}:b0",
-               OLLAMA_MODELS=str(d.workdir / "stale-models"))
-    stale = subprocess.Popen(["ollama", "serve"], env=env, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    env = dict(
+        d.env,
+        OLLAMA_HOST=f"127.0.0.1:{d.backend_ports[0]}",
+        LLMD_BACKEND=f"{d.socket}:b0",
+        OLLAMA_MODELS=str(d.workdir / "stale-models"),
+    )
+    stale = subprocess.Popen(
+        ["ollama", "serve"], env=env, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_for(lambda: _answers(f"http://127.0.0.1:{d.backend_ports[0]}/"), what="stale up")
         d.start()
@@ -318,8 +348,13 @@ def test_reload_keeps_unchanged_backend(daemon: Factory) -> None:
     d.write_config()
     assert d.proc is not None
     d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: {b["name"]: b["pid"] for b in d.status()["backends"]}["b1"]
-             not in (None, before["b1"]), timeout=20, what="b1 restarted")
+    wait_for(
+        lambda: (
+            {b["name"]: b["pid"] for b in d.status()["backends"]}["b1"] not in (None, before["b1"])
+        ),
+        timeout=20,
+        what="b1 restarted",
+    )
     after = {b["name"]: b["pid"] for b in d.status()["backends"]}
     assert after["b0"] == before["b0"]
     # An invalid config is refused and the running one kept.
@@ -337,8 +372,11 @@ def test_llmctl_exit_codes(daemon: Factory, tmp_path: Path) -> None:
     assert r.returncode == 1 and "not found" in r.stderr
     assert d.llmctl("frobnicate").returncode == 2
     assert d.llmctl().returncode == 2
-    r = subprocess.run([*__import__("llmdproc").llmctl_argv(), "--socket",
-                        str(tmp_path / "none.sock"), "status"], capture_output=True, text=True)
+    r = subprocess.run(
+        [*__import__("llmdproc").llmctl_argv(), "--socket", str(tmp_path / "none.sock"), "status"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 3
     assert "is it running? try: systemctl status llmd" in r.stderr
     r = d.llmctl("load", TINY)
@@ -354,8 +392,12 @@ def test_stream_is_not_buffered(daemon: Factory) -> None:
     post(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})
 
     def arrivals(base: str) -> list[float]:
-        req = urllib.request.Request(base + "/api/generate", data=json.dumps(
-            {"model": TINY, "prompt": "pace", "options": {"num_predict": 10}}).encode())
+        req = urllib.request.Request(
+            base + "/api/generate",
+            data=json.dumps(
+                {"model": TINY, "prompt": "pace", "options": {"num_predict": 10}}
+            ).encode(),
+        )
         t0 = time.monotonic()
         out = []
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -395,9 +437,10 @@ def test_missing_ollama_binary_is_reported(daemon: Factory) -> None:
     d = daemon(backend_extra=[{"command": ["ollama-not-installed", "serve"]}]).start()
     b = d.status()["backends"][0]
     assert b["state"] == "fatal"
-    assert b["error"] == ("ollama-not-installed not found on PATH: install Ollama or set "
-                          "backend.command")
-    status, body = post(d.url + "/api/generate", {"model": TINY, "prompt": "x"})
+    assert b["error"] == (
+        "ollama-not-installed not found on PATH: install Ollama or set backend.command"
+    )
+    status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "x"})
     assert status in (404, 503)
 
 
@@ -408,5 +451,7 @@ def test_children_are_not_left_after_clean_stop(daemon: Factory) -> None:
     assert d.stop() == 0
     for k in kids:
         assert not pid_alive(k.pid)
-    assert not any(p.info["cmdline"] and str(d.workdir) in " ".join(p.info["cmdline"])
-                   for p in psutil.process_iter(["cmdline"]))
+    assert not any(
+        p.info["cmdline"] and str(d.workdir) in " ".join(p.info["cmdline"])
+        for p in psutil.process_iter(["cmdline"])
+    )

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import aiohttp
 import psutil
 import pytest
+from llmdproc import free_port
 
 from llmd import process
 from llmd.config import BackendConfig
 from llmd.process import Child, State, child_env
-from llmdproc import free_port
 
 # A stand-in child: serves GET / on OLLAMA_HOST's port; behaviour set by argv.
 SERVER = textwrap.dedent(
