@@ -124,12 +124,12 @@ class _Builder:
             t += self.rng.expovariate(1 / mean_gap)
 
     def session(self, ms: Sequence[int], t: float, mean_requests: float) -> float:
-        """One human session on models ms: bursts of 10-120 s gaps (CV ~1.5); returns its end."""
+        """One human session on models ms: gaps of 10 s plus gamma(mean 30 s, CV 1.5); returns its end."""
         n = 1 + int(self.rng.expovariate(1 / max(mean_requests - 1, 0.01)))
         for _ in range(n):
             for i, m in enumerate(ms):
                 self.hit(m, t + 0.5 * i)  # a group's members are hit back to back
-            t += min(10 + gamma_gap(self.rng, 30, 1.5), 120)
+            t += min(10 + gamma_gap(self.rng, 30, 1.5), 600)
         return t
 
     def trace(self, family: str, title: str, vram_gb: float | None) -> Trace:

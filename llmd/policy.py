@@ -159,7 +159,8 @@ MIN_SAMPLES = int(__import__("os").environ.get("MINS", "5"))
 """Fewer gaps than this and the histogram is not used (fallback to T*)."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
-MARGIN = 0.10
+MARGIN = float(__import__("os").environ.get("MARGIN", "0.10"))
+KMARGIN = float(__import__("os").environ.get("KMARGIN", "0.0"))
 """Shahrad et al.'s margin: +10% on the keep-alive tail, -10% on the pre-warm head."""
 PREWARM_GAIN = 0.05
 """A pre-warm window must beat the best plain keep-alive by 5% of cost to be worth the churn."""
@@ -260,7 +261,7 @@ def decide_keep_alive(
         cum_n.append(cn)
         cum_g.append(cg)
         edge = EDGES[k]
-        t = min(edge * (1 + MARGIN), max(edge, cap))
+        t = min(edge * (1 + KMARGIN), max(edge, cap))
         times.append(t)
         rest = n - cn
         keep.append(rent * (cg + rest * t) + buy * rest)

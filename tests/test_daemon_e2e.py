@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
@@ -455,3 +457,80 @@ def test_children_are_not_left_after_clean_stop(daemon: Factory) -> None:
         p.info["cmdline"] and str(d.workdir) in " ".join(p.info["cmdline"])
         for p in psutil.process_iter(["cmdline"])
     )
+
+
+def test_backend_down_gives_503_with_retry_after(daemon: Factory) -> None:
+    """A request for a model whose backend is not running gets 503 and Retry-After."""
+    d = daemon(
+        models=[{"name": TINY, "backend": "b0"}],
+        backend_extra=[{"command": ["ollama-not-installed", "serve"]}],
+    ).start()
+    req = urllib.request.Request(
+        d.url + "/api/generate", data=json.dumps({"model": TINY, "prompt": "x"}).encode()
+    )
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 503
+    assert int(e.value.headers["Retry-After"]) >= 1
+    assert "backend 'b0' is not running" in json.loads(e.value.read())["error"]
+
+
+def test_admin_socket_is_group_only(daemon: Factory) -> None:
+    """The admin socket is mode 0660: owner and group only."""
+    d = daemon().start()
+    assert d.socket.stat().st_mode & 0o777 == 0o660
+
+
+def test_client_disconnect_cancels_upstream(daemon: Factory) -> None:
+    """A client that goes away mid-stream releases the model at once, not when the child ends."""
+    d = daemon(sim_env={"OLLAMA_SIM_SPEED": "0.05"}).start()  # 10 tokens/s
+    post(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})
+    req = urllib.request.Request(
+        d.url + "/api/generate",
+        data=json.dumps({"model": TINY, "prompt": "slow", "options": {"num_predict": 50}}).encode(),
+    )
+    r = urllib.request.urlopen(req, timeout=30)
+    r.readline()
+    assert d.model(TINY)["in_flight"] == 1
+    r.close()
+    # The full answer would take seconds more; the lease ends as soon as llmd notices.
+    wait_for(lambda: d.model(TINY)["in_flight"] == 0, timeout=1.5, what="in_flight 0")
+
+
+def test_systemd_notifications(daemon: Factory, tmp_path: Path) -> None:
+    """READY=1 and STATUS once serving, WATCHDOG=1 pings, RELOADING=1 on SIGHUP, STOPPING=1."""
+    import socket as so
+
+    path = Path(tempfile.mkdtemp(prefix="llmd-n-", dir="/tmp")) / "notify.sock"
+    sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    got: list[str] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                got.append(sock.recv(4096).decode())
+            except TimeoutError:
+                return
+
+    try:
+        d = daemon()
+        d.env.update(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
+        d.start()
+        wait_for(lambda: drain() or any("READY=1" in m for m in got), what="READY=1")
+        ready = next(m for m in got if "READY=1" in m)
+        assert "STATUS=1/1 backends running" in ready
+        wait_for(lambda: drain() or sum("WATCHDOG=1" in m for m in got) >= 2, what="watchdog")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: drain() or any("RELOADING=1" in m for m in got), what="RELOADING=1")
+        d.stop()
+        drain()
+        assert any("STOPPING=1" in m for m in got)
+        reload_at = next(i for i, m in enumerate(got) if "RELOADING=1" in m)
+        assert "MONOTONIC_USEC=" in got[reload_at]
+        assert any("READY=1" in m for m in got[reload_at + 1 :])
+    finally:
+        sock.close()
+        shutil.rmtree(path.parent, ignore_errors=True)

@@ -24,8 +24,8 @@ from simproc import (
 )
 
 MIB = 1024 * 1024
-# catalog_model(size_mib=100): 100 MiB file + 1 MiB KV (num_ctx 4096) + 256 MiB graph.
-FOOTPRINT_100 = 357 * MIB
+# catalog_model(size_mib=100): 100 MiB file + 2 MiB KV (num_ctx 4096) + 256 MiB graph.
+FOOTPRINT_100 = 358 * MIB
 
 
 def sim_with(
@@ -150,13 +150,15 @@ def test_default_keep_alive_and_last_writer_wins(
 
 
 def slow_stream(url: str, model: str, started: threading.Event, **body: Any) -> threading.Thread:
-    """Stream a generate in a thread; `started` is set at the first chunk."""
+    """Stream an 8-token generate in a thread; `started` is set at the first chunk.
+
+    At OLLAMA_SIM_SPEED 100 a model with tokens_per_second T streams for 8 / (100 T) seconds."""
 
     def run() -> None:
         with httpx.stream(
             "POST",
             url + "/api/generate",
-            json={"model": model, "prompt": "slow", **body},
+            json={"model": model, "prompt": "slow", "options": {"num_predict": 8}, **body},
             timeout=30,
         ) as r:
             for _ in r.iter_lines():
@@ -169,28 +171,26 @@ def slow_stream(url: str, model: str, started: threading.Event, **body: Any) -> 
 
 def test_keep_alive_timer_starts_when_idle(tmp_path: Path, clients: list[ollama.Client]) -> None:
     """The keep-alive timer starts when the last in-flight request finishes, not before."""
-    slow = catalog_model("slow:1", tokens_per_second=0.5)  # 20 ms a token at speed 100
+    slow = catalog_model("slow:1", tokens_per_second=0.1)  # 8 tokens: 0.8 s
     with sim_with(tmp_path, [slow]) as sim:
         c = client_for(sim, clients)
         started = threading.Event()
-        t0 = time.monotonic()
-        t = slow_stream(sim.url, "slow:1", started, keep_alive=0.15, options={"num_predict": 25})
+        t = slow_stream(sim.url, "slow:1", started, keep_alive=0.2)
         assert started.wait(5)
-        time.sleep(0.3)
-        assert t.is_alive() and "slow:1" in loaded(c)  # 0.3 s > keep-alive, still in use
+        time.sleep(0.4)
+        assert t.is_alive() and "slow:1" in loaded(c)  # past the keep-alive, still in use
         t.join()
-        assert time.monotonic() - t0 >= 0.45
         assert "slow:1" in loaded(c)
         wait_for(lambda: loaded(c) == {}, timeout=2)
 
 
 def test_unload_waits_for_in_flight_requests(tmp_path: Path, clients: list[ollama.Client]) -> None:
     """An unload request answers at once but the model leaves only after in-flight requests."""
-    slow = catalog_model("slow:1", tokens_per_second=0.5)
+    slow = catalog_model("slow:1", tokens_per_second=0.2)  # 8 tokens: 0.4 s
     with sim_with(tmp_path, [slow]) as sim:
         c = client_for(sim, clients)
         started = threading.Event()
-        t = slow_stream(sim.url, "slow:1", started, options={"num_predict": 20})
+        t = slow_stream(sim.url, "slow:1", started)
         assert started.wait(5)
         r = c.generate(model="slow:1", prompt="", keep_alive=0)
         assert r.done_reason == "unload"
@@ -217,14 +217,14 @@ def test_eviction_prefers_shortest_keep_alive(tmp_path: Path, clients: list[olla
 
 def test_eviction_skips_busy_models(tmp_path: Path, clients: list[ollama.Client]) -> None:
     """A busy model is passed over for an idle one, even one with a longer keep-alive."""
-    models = [catalog_model("busy:1", 100, tokens_per_second=0.5)] + [
+    models = [catalog_model("busy:1", 100, tokens_per_second=0.2)] + [
         catalog_model(n, 100) for n in ("idle:1", "new:1")
     ]
     with sim_with(tmp_path, models, total_mib=1100) as sim:
         c = client_for(sim, clients)
         load(c, "idle:1", keep_alive="1h")
         started = threading.Event()
-        t = slow_stream(sim.url, "busy:1", started, keep_alive="1m", options={"num_predict": 15})
+        t = slow_stream(sim.url, "busy:1", started, keep_alive="1m")
         assert started.wait(5)
         load(c, "new:1")
         assert set(loaded(c)) == {"busy:1", "new:1"}
@@ -234,15 +234,15 @@ def test_eviction_skips_busy_models(tmp_path: Path, clients: list[ollama.Client]
 def test_eviction_waits_when_all_busy(tmp_path: Path, clients: list[ollama.Client]) -> None:
     """With every model busy, the load waits for the shortest keep-alive one to finish."""
     models = [
-        catalog_model("short:1", 100, tokens_per_second=0.5),
-        catalog_model("long:1", 100, tokens_per_second=0.2),
+        catalog_model("short:1", 100, tokens_per_second=0.2),  # 0.4 s
+        catalog_model("long:1", 100, tokens_per_second=0.08),  # 1 s
         catalog_model("new:1", 100),
     ]
     with sim_with(tmp_path, models, total_mib=1100) as sim:
         c = client_for(sim, clients)
         s1, s2 = threading.Event(), threading.Event()
-        t1 = slow_stream(sim.url, "short:1", s1, keep_alive="1m", options={"num_predict": 15})
-        t2 = slow_stream(sim.url, "long:1", s2, keep_alive="1h", options={"num_predict": 15})
+        t1 = slow_stream(sim.url, "short:1", s1, keep_alive="1m")
+        t2 = slow_stream(sim.url, "long:1", s2, keep_alive="1h")
         assert s1.wait(5) and s2.wait(5)
         load(c, "new:1")
         assert not t1.is_alive()  # the load had to wait for short:1 to finish
@@ -333,7 +333,7 @@ def test_changed_num_ctx_reloads(tmp_path: Path, clients: list[ollama.Client]) -
 
 async def test_full_load_queue_answers_503(tmp_path: Path) -> None:
     """Loads queue one at a time; past OLLAMA_MAX_QUEUE pending loads the answer is 503."""
-    models = [catalog_model(n, load_seconds=0.6) for n in ("a:1", "b:1", "c:1")]
+    models = [catalog_model(n, load_seconds=0.4) for n in ("a:1", "b:1", "c:1")]
     with sim_with(tmp_path, models, speed=1, OLLAMA_MAX_QUEUE="1") as sim:
         async with httpx.AsyncClient(base_url=sim.url, timeout=10) as h:
 
@@ -341,7 +341,7 @@ async def test_full_load_queue_answers_503(tmp_path: Path) -> None:
                 await asyncio.sleep(delay)
                 return await h.post("/api/generate", json={"model": model, "stream": False})
 
-            r1, r2, r3 = await asyncio.gather(go("a:1", 0), go("b:1", 0.15), go("c:1", 0.3))
+            r1, r2, r3 = await asyncio.gather(go("a:1", 0), go("b:1", 0.1), go("c:1", 0.2))
             assert r1.status_code == r2.status_code == 200
             assert r3.status_code == 503
             assert r3.json() == {
@@ -356,7 +356,7 @@ async def test_full_load_queue_answers_503(tmp_path: Path) -> None:
 
 async def test_parallel_slots(tmp_path: Path) -> None:
     """Beyond OLLAMA_NUM_PARALLEL, requests wait for a slot (and do not count as queued)."""
-    slow = catalog_model("slow:1", tokens_per_second=0.5)
+    slow = catalog_model("slow:1", tokens_per_second=0.5)  # 10 tokens: 0.2 s
     with sim_with(tmp_path, [slow], OLLAMA_MAX_QUEUE="1", OLLAMA_NUM_PARALLEL="1") as sim:
         async with httpx.AsyncClient(base_url=sim.url, timeout=10) as h:
             body = {

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-import urllib.request
 
 from . import VERSION
 from .config import ConfigError, load_settings, parse_host
@@ -29,7 +29,7 @@ REAL_COMMANDS = {"create", "show", "run", "stop", "pull", "push", "list", "ls", 
 
 
 def _server_version() -> str:
-    import os
+    import urllib.request
 
     scheme, host, port = parse_host(os.environ.get("OLLAMA_HOST"))
     if host in ("", "0.0.0.0", "::"):
