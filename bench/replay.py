@@ -189,6 +189,44 @@ class OracleReactive(Policy):
         return None, None, None
 
 
+class OracleFixed(Policy):
+    """The best single timeout per model in hindsight: what no per-model fixed timeout, learned
+    or configured, can beat on this trace (gaps taken from the trace with warm busy periods)."""
+
+    def start(self, sim: Simulator) -> None:
+        self.keep: list[float] = []
+        beta = sim.params.beta
+        for m, st in enumerate(sim.models):
+            gaps = sorted(_warm_gaps(sim.trace, m))
+            rent = beta * st.spec.size_gb
+            buy = st.w * st.spec.load_s
+            best_cost, best_t = buy * len(gaps), 0.0  # T = 0: every gap is a cold start
+            covered = 0.0
+            for i, g in enumerate(gaps):
+                covered += rent * g
+                rest = len(gaps) - i - 1
+                cost = covered + rest * (rent * g + buy)
+                if cost < best_cost:
+                    best_cost, best_t = cost, g
+            self.keep.append(best_t * (1 + 1e-9) + 1e-6)
+
+    def on_idle(self, sim: Simulator, m: int, t: float) -> Timers:
+        return self.keep[m], None, None
+
+
+def _warm_gaps(trace: Trace, m: int) -> list[float]:
+    """Model m's idle gaps if every request found it loaded."""
+    gaps = []
+    busy_end: float | None = None
+    for r in trace.requests:
+        if r.model != m:
+            continue
+        if busy_end is not None and r.t > busy_end:
+            gaps.append(r.t - busy_end)
+        busy_end = max(busy_end or 0.0, r.t + r.duration_s)
+    return gaps
+
+
 class OraclePreload(Policy):
     """Knows each gap: unloads at once and reloads to finish exactly at the next request,
     unless the gap is shorter than a load."""
@@ -330,6 +368,8 @@ def make_policy(name: str) -> Policy:
         return OracleReactive(name)
     if name == "oracle-preload":
         return OraclePreload(name)
+    if name == "oracle-fixed":
+        return OracleFixed(name)
     raise ValueError(f"unknown policy {name!r}")
 
 
@@ -339,6 +379,7 @@ POLICIES = (
     *(f"fixed-{m}m" for m in FIXED_MINUTES),
     "lru",
     "break-even",
+    "oracle-fixed",
     "oracle-reactive",
     "oracle-preload",
 )

@@ -19,11 +19,12 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from llmd import __version__, config
+from llmd import __version__, config, gpu
 from llmd.admin import API_VERSION, Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
-from llmd.lifecycle import Lifecycle, MState, fixed_keep_alive
+from llmd.lifecycle import Lifecycle, MState, Model, fixed_keep_alive
+from llmd.memory import Memory
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
 from llmd.proxy import Proxy
@@ -60,6 +61,7 @@ class Daemon:
         self.backends: Backends
         self.lifecycle: Lifecycle
         self.proxy: Proxy
+        self.memory: Memory
         self._tg: asyncio.TaskGroup
 
     # -- running ----------------------------------------------------------------------------------
@@ -102,12 +104,40 @@ class Daemon:
                 session=session,
                 record=self.store.record_request,
             )
+            self.memory = Memory(self.cfg, self._make_probe(), store=self.store, session=session)
+            stack.push_async_callback(self.memory.probe.close)
+            self.memory.lifecycle = self.lifecycle
+            self.lifecycle.memory = self.memory
+            self.lifecycle.on_loaded = self._loaded
             await self._bind(stack)
             await asyncio.to_thread(self.backends.stop_stale)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self.backends.start()
                 tg.create_task(self._main(), name="main")
+
+    def _make_probe(self) -> gpu.Probe:
+        g = self.cfg.gpu
+        totals = [g.total] if g.total else []
+        return gpu.make_probe(g.probe, totals=totals, ps=self._all_ps)
+
+    async def _all_ps(self) -> list[dict[str, Any]]:
+        """Every child's /api/ps entries, tagged with the GPUs of their backend."""
+        out = []
+        for child in self.backends.children.values():
+            if not child.running:
+                continue
+            doc = await self.backends.fetch_json(child, "/api/ps")
+            for e in doc.get("models") or []:
+                out.append({**e, "gpus": list(child.cfg.gpus or [])})
+        return out
+
+    async def _loaded(self, m: Model, load_s: float) -> None:
+        """Remember what a load measured: its size (a full load's) and how long it took."""
+        full = bool(m.size) and m.size_vram >= m.size
+        await self.store.set_model_facts(
+            m.name, size_vram=m.size_vram if full else None, size=m.size or None, load_s=load_s
+        )
 
     def _start_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return self._tg.create_task(coro, name=name)
@@ -144,6 +174,7 @@ class Daemon:
             tg.create_task(self.notifier.run_watchdog(), name="watchdog"),
             tg.create_task(self._report_status(), name="status"),
             tg.create_task(self._startup(), name="startup"),
+            tg.create_task(self.memory.run_pressure(), name="gpu-pressure"),
         ]
         store_stop = asyncio.Event()
         store_task = tg.create_task(self.store.run(store_stop), name="store")
@@ -279,9 +310,19 @@ class Daemon:
                 for s in [c.status()]
             ],
             "models": self.models_doc(),
-            "gpu": None,
+            "gpu": self._gpu_doc(),
             "store": self.store.status(),
         }
+
+    def _gpu_doc(self) -> dict[str, Any] | None:
+        snap = self.memory.snapshot
+        if snap is None:
+            return {"probe": self.cfg.gpu.probe, "devices": [], "error": "not read yet"}
+        doc = snap.to_dict()
+        ours = sum(m.size_vram for m in self.lifecycle.models.values())
+        doc["llmd_bytes"] = ours
+        doc["other_programs_bytes"] = max(0, snap.used_bytes - ours) if snap.devices else 0
+        return doc
 
     def models_doc(self) -> list[dict[str, Any]]:
         """Every configured, pulled or seen model with its state and keep-alive."""

@@ -7,15 +7,18 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
 from llmd.backends import Backends
 from llmd.config import Config, normalize_model
 from llmd.process import Child
+
+if TYPE_CHECKING:
+    from llmd.memory import Memory
 
 log = logging.getLogger("llmd.lifecycle")
 
@@ -39,10 +42,11 @@ class MState(enum.Enum):
 class LoadError(Exception):
     """A model could not be loaded; carries the HTTP status and Ollama's message."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class EventSink(Protocol):
@@ -84,6 +88,8 @@ class Model:
     embedding: bool = False
     changed_at: float = 0.0
     load_task: asyncio.Task[float] | None = None
+    # The request handlers holding the model, so that a preempting eviction can cancel them.
+    holders: set[asyncio.Task[Any]] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     keep_alive: KeepAlive | None = None
 
@@ -134,7 +140,8 @@ class Lifecycle:
         self._clock = clock
         self._timers_changed = asyncio.Event()
         self._generations: dict[str, int] = {}
-        self.on_loaded: Callable[[Model, float], None] | None = None
+        self.memory: Memory | None = None
+        self.on_loaded: Callable[[Model, float], Awaitable[None]] | None = None
 
     def set_keep_alive_fn(self, fn: KeepAliveFn) -> None:
         """Swap the keep-alive decision (on reload) and re-arm idle timers with it."""
@@ -176,10 +183,15 @@ class Lifecycle:
         m.deadline = None
         m.idle_since = None
         self._timers_changed.set()
+        task = asyncio.current_task()
+        if task is not None:
+            m.holders.add(task)
         try:
             waited, load_s = await self._ensure_loaded(m, child, options)
             yield Lease(m, child, waited, load_s)
         finally:
+            if task is not None:
+                m.holders.discard(task)
             self._release(m)
 
     def _release(self, m: Model) -> None:
@@ -189,6 +201,8 @@ class Lifecycle:
             m.idle_since = now
             if m.state is MState.LOADED:
                 self._arm(m, now)
+            if self.memory is not None:
+                self.memory.changed()
 
     def _arm(self, m: Model, idle_since: float) -> None:
         """Start (or re-start) an idle model's keep-alive timer."""
@@ -233,18 +247,12 @@ class Lifecycle:
     async def _load(self, m: Model, child: Child, runner: dict[str, Any], reason: str) -> float:
         t0 = time.monotonic()
         try:
-            body: dict[str, Any] = {"model": m.name, "keep_alive": -1}
-            if runner:
-                body["options"] = runner
-            if m.embedding:
-                status, data = await self._post(child, "/api/embed", {**body, "input": []})
-            else:
-                status, data = await self._post(child, "/api/generate", body)
-                if status == 400 and "does not support generate" in str(data.get("error", "")):
-                    m.embedding = True
-                    status, data = await self._post(child, "/api/embed", {**body, "input": []})
-            if status != 200:
-                raise LoadError(status, str(data.get("error") or f"load failed with {status}"))
+            for attempt in (1, 2):
+                await self._admit(m, child, runner)
+                t0 = time.monotonic()
+                await self._post_load(m, child, runner)
+                if not await self._spilled(m, child, reason) or attempt == 2:
+                    break
         except BaseException as e:
             self._set_state(m, MState.UNLOADED)  # LOADING -> UNLOADED
             if isinstance(e, LoadError):
@@ -258,17 +266,67 @@ class Lifecycle:
         load_s = time.monotonic() - t0
         m.last_load_s = load_s
         m.loads += 1
-        await self._refresh_sizes(child, m)
         self._set_state(m, MState.LOADED)  # LOADING -> LOADED
         self._events.record_event(
             "load", model=m.name, backend=child.name, reason=f"{reason}; took {load_s:.2f}s"
         )
         log.info("loaded %s on %s in %.2fs (%s)", m.name, child.name, load_s, reason)
         if self.on_loaded is not None:
-            self.on_loaded(m, load_s)
+            await self.on_loaded(m, load_s)
         if m.in_flight == 0:
             self._arm(m, self._clock())
         return load_s
+
+    async def _admit(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
+        """Make room on the backend's GPUs first, so that Ollama never evicts or spills."""
+        if self.memory is None:
+            return
+        from llmd.memory import NoRoom
+
+        try:
+            await self.memory.admit(m, child, runner)
+        except NoRoom as e:
+            raise LoadError(503, e.message, e.retry_after_s) from None
+
+    async def _post_load(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
+        """Ask the child to load the model and wait until it has."""
+        body: dict[str, Any] = {"model": m.name, "keep_alive": -1}
+        if runner:
+            body["options"] = runner
+        if m.embedding:
+            status, data = await self._post(child, "/api/embed", {**body, "input": []})
+        else:
+            status, data = await self._post(child, "/api/generate", body)
+            if status == 400 and "does not support generate" in str(data.get("error", "")):
+                m.embedding = True  # Ollama loads an embedding model with an empty embed
+                status, data = await self._post(child, "/api/embed", {**body, "input": []})
+        if status != 200:
+            raise LoadError(status, str(data.get("error") or f"load failed with {status}"))
+        await self._refresh_sizes(child, m)
+
+    async def _spilled(self, m: Model, child: Child, reason: str) -> bool:
+        """A partial load (layers on the CPU) is undone unless the model allows it."""
+        if not m.size or m.size_vram >= m.size or self.memory is None:
+            return False
+        mc = self.cfg.model(m.name)
+        if mc is not None and mc.allow_cpu_spill:
+            log.warning(
+                "%s loaded partly on the CPU (%d of %d bytes on the GPU), as allowed",
+                m.name,
+                m.size_vram,
+                m.size,
+            )
+            return False
+        why = (
+            f"loaded only {m.size_vram / 2**30:.1f} of {m.size / 2**30:.1f} GiB on the GPU "
+            "(CPU spill is off for this model); unloaded to make room properly"
+        )
+        log.warning("%s %s", m.name, why)
+        self._events.record_event("spill", model=m.name, backend=child.name, reason=why)
+        await self._post(child, "/api/generate", {"model": m.name, "keep_alive": 0})
+        await self._wait_gone(child, m.name)
+        m.size_vram = 0
+        return True
 
     async def _post(self, child: Child, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         async with self._session.post(
@@ -310,6 +368,12 @@ class Lifecycle:
         await self._unload(m, reason)
         return "unloaded"
 
+    async def evict(self, m: Model, reason: str) -> None:
+        """Unload a model to free memory; a busy one (preemption) loses its requests."""
+        for task in list(m.holders):
+            task.cancel()
+        await self._unload(m, reason, kind="evict")
+
     async def _unload(self, m: Model, reason: str, kind: str = "unload") -> None:
         child = self.backends.children.get(m.backend)
         self._set_state(m, MState.UNLOADING)  # LOADED -> UNLOADING
@@ -324,6 +388,8 @@ class Lifecycle:
             m.unload_when_idle = False
             m.size_vram = 0
             self._set_state(m, MState.UNLOADED)  # UNLOADING -> UNLOADED
+            if self.memory is not None:
+                self.memory.changed()
         self._events.record_event(kind, model=m.name, backend=m.backend, reason=reason)
         log.info(
             "%s %s on %s: %s",

@@ -20,6 +20,9 @@ class Notifier:
             import sdnotify
 
             self._sd = sdnotify.SystemdNotifier()
+            if self._sd.socket is not None:
+                # Never block the event loop on a full notification queue; systemd reads fast.
+                self._sd.socket.setblocking(False)
         self.watchdog_s = _watchdog_interval(env)
 
     def notify(self, *lines: str) -> None:

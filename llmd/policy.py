@@ -155,14 +155,14 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
-MIN_SAMPLES = int(__import__("os").environ.get("MINS", "5"))
+MIN_SAMPLES = int(__import__("os").environ.get("MINS", "3"))
 """Fewer gaps than this and the histogram is not used (fallback to T*)."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
 MARGIN = float(__import__("os").environ.get("MARGIN", "0.10"))
 KMARGIN = float(__import__("os").environ.get("KMARGIN", "0.0"))
 """Shahrad et al.'s margin: +10% on the keep-alive tail, -10% on the pre-warm head."""
-PREWARM_GAIN = 0.05
+PREWARM_GAIN = float(__import__("os").environ.get("PG", "0.05"))
 """A pre-warm window must beat the best plain keep-alive by 5% of cost to be worth the churn."""
 OOB_UNREPRESENTATIVE = 0.5
 """With T* beyond the histogram's range, this share of OOB gaps makes the history unusable."""

@@ -279,7 +279,8 @@ class Proxy:
                 return await self._forward(request, child, json.dumps(body).encode(), lease, t0)
         except LoadError as e:
             self._record_req(name, request.path, e.status, t0, None, True, None, b"")
-            raise ProxyError(e.status, e.message) from None
+            retry = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
+            raise ProxyError(e.status, e.message, retry) from None
 
     def _is_unload(self, path: str, body: dict[str, Any]) -> bool:
         """A client's explicit unload: empty prompt with keep_alive 0, as `ollama stop` sends."""

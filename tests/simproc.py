@@ -237,7 +237,7 @@ def update_gpu_file(path: Path, fn: Callable[[dict[str, Any]], None]) -> None:
         fn(data)
         tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
         tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
+        tmp.replace(path)
 
 
 def set_external_mib(path: Path, index: int, mib: int) -> None:

@@ -47,11 +47,18 @@ def gen(http: httpx.Client, sim: SimProcess, model: str = "a:1") -> httpx.Respon
     )
 
 
-def test_exit_after_requests(tmp_path: Path, http: httpx.Client) -> None:
-    """exit_after_requests=N: the process exits with code 1 right after answering N requests."""
-    with faulty(tmp_path, "exit_after_requests=2") as sim:
+def test_fail_request_and_exit_after_requests(tmp_path: Path, http: httpx.Client) -> None:
+    """fail_request=N: the Nth model request gets a 500; exit_after_requests=N: the process
+    exits with code 1 right after answering N model requests."""
+    with faulty(tmp_path, "fail_request=2,exit_after_requests=3") as sim:
         assert http.get(sim.url + "/api/tags").status_code == 200  # not a model request
         assert gen(http, sim).status_code == 200
+        r = gen(http, sim)
+        assert r.status_code == 500
+        assert r.json() == {
+            "error": "llama runner process has terminated: simulated failure "
+            "(OLLAMA_SIM_FAULTS fail_request)"
+        }
         r = gen(http, sim)
         assert r.status_code == 200 and r.json()["done"] is True
         assert sim.wait(5) == 1
@@ -95,37 +102,17 @@ def test_never_ready_and_slow_start(tmp_path: Path, http: httpx.Client) -> None:
         assert http.get(sim.url + "/").status_code == 200
 
 
-def test_fail_request(tmp_path: Path, http: httpx.Client) -> None:
-    """fail_request=N: the Nth model request gets a 500 error (OpenAI-shaped on /v1)."""
-    with faulty(tmp_path, "fail_request=2") as sim:
-        assert gen(http, sim).status_code == 200
-        r = gen(http, sim)
-        assert r.status_code == 500 and "simulated failure" in r.json()["error"]
-        assert gen(http, sim).status_code == 200
+def test_openai_fail_request_and_stall_stream(tmp_path: Path, http: httpx.Client) -> None:
+    """/v1 failures are OpenAI-shaped; stall_stream=N stops a stream after N chunks without
+    closing it, and a client that gives up releases the model."""
     with (
-        faulty(tmp_path, "fail_request=1") as sim,
+        faulty(tmp_path, "fail_request=1,stall_stream=2") as sim,
         openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0) as oai,
     ):
         with pytest.raises(openai.InternalServerError) as e:
             oai.chat.completions.create(model="a:1", messages=[{"role": "user", "content": "x"}])
-        assert e.value.status_code == 500
         body = e.value.body
         assert isinstance(body, dict) and body["type"] == "api_error"
-
-
-def test_fail_load(tmp_path: Path, http: httpx.Client) -> None:
-    """fail_load=N: the Nth model load fails with a 500; the next one works."""
-    with faulty(tmp_path, "fail_load=1") as sim:
-        r = gen(http, sim)
-        assert r.status_code == 500
-        assert r.json()["error"].startswith("llama runner process has terminated")
-        assert http.get(sim.url + "/api/ps").json() == {"models": []}
-        assert gen(http, sim).status_code == 200
-
-
-def test_stall_stream(tmp_path: Path, http: httpx.Client) -> None:
-    """stall_stream=N: a stream stops after N chunks without closing; leaving releases it."""
-    with faulty(tmp_path, "stall_stream=2") as sim:
         lines: list[str] = []
         with (
             pytest.raises(httpx.ReadTimeout),
@@ -144,9 +131,15 @@ def test_stall_stream(tmp_path: Path, http: httpx.Client) -> None:
         assert http.get(sim.url + "/api/ps").json() == {"models": []}
 
 
-def test_fail_stream(tmp_path: Path, http: httpx.Client) -> None:
-    """fail_stream=N: after N chunks a native stream ends with an {"error"} line."""
-    with faulty(tmp_path, "fail_stream=2") as sim:
+def test_fail_load_and_fail_stream(tmp_path: Path, http: httpx.Client) -> None:
+    """fail_load=N: the Nth load fails with a 500 and the next works; fail_stream=N: after N
+    chunks a native stream ends with an {"error"} line, an SSE one without [DONE]."""
+    with faulty(tmp_path, "fail_load=1,fail_stream=2") as sim:
+        r = gen(http, sim)
+        assert r.status_code == 500
+        assert r.json()["error"].startswith("llama runner process has terminated")
+        assert http.get(sim.url + "/api/ps").json() == {"models": []}
+        assert gen(http, sim).status_code == 200  # not streamed: no fail_stream
         c = ollama.Client(host=sim.url)
         got = []
         with pytest.raises(ollama.ResponseError, match="simulated failure"):
@@ -198,24 +191,20 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_version_and_unsupported_commands(tmp_path: Path) -> None:
-    """`ollama --version` reports the server's version (or warns); other commands are refused."""
+def test_cli_and_all_interfaces_listener(tmp_path: Path, http: httpx.Client) -> None:
+    """`ollama --version` reports the server's version (or warns); other commands are refused.
+    OLLAMA_HOST=:PORT listens on every interface, where the Host check does not apply."""
     alone = _cli("--version", OLLAMA_HOST=f"127.0.0.1:{_free_port()}")
     assert alone.returncode == 0
     assert alone.stdout.splitlines() == [
         "Warning: could not connect to a running Ollama instance",
         "Warning: client version is 0.33.0-rc2",
     ]
-    with start_sim(tmp_path) as sim:
-        up = _cli("-v", OLLAMA_HOST=f"http://127.0.0.1:{sim.port}")
-        assert up.stdout.strip() == "ollama version is 0.33.0-rc2"
     run = _cli("run", "tiny:1m")
     assert run.returncode == 1 and "not supported by the simulator" in run.stderr
-
-
-def test_all_interfaces_listener_skips_host_check(tmp_path: Path, http: httpx.Client) -> None:
-    """OLLAMA_HOST=:PORT listens on every interface, where the Host check does not apply."""
     with start_sim(tmp_path, host="") as sim:
         assert "Listening on [::]:" in sim.log()
+        up = _cli("-v", OLLAMA_HOST=f"http://127.0.0.1:{sim.port}")
+        assert up.stdout.strip() == "ollama version is 0.33.0-rc2"
         r = http.get(sim.url + "/api/version", headers={"Host": "evil.example.com"})
         assert r.status_code == 200

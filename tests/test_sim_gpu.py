@@ -106,29 +106,25 @@ def test_two_simulators_share_a_gpu_and_kill_9_frees_memory(
     assert smi_used(env) == {0: 0, 1: 0}
 
 
-def test_sigterm_releases_gpu_memory(
+def test_cuda_visible_devices_and_sigterm(
     tmp_path: Path, setup: tuple[dict[str, str], Path], clients: list[ollama.Client]
 ) -> None:
-    """SIGTERM exits 0 and removes the simulator's allocations from the GPU file."""
+    """CUDA_VISIBLE_DEVICES limits a simulator to some GPUs (empty: CPU only); nvidia-smi shows
+    each simulator's memory as /api/ps does; SIGTERM exits 0 and frees it."""
     env, gpu = setup
-    sim = start_sim(tmp_path, env)
+    sim = start_sim(tmp_path, {**env, "CUDA_VISIBLE_DEVICES": "1"})
     c = client_for(sim, clients)
     c.generate(model="a:1", prompt="")
-    assert [a["pid"] for a in read_gpu_file(gpu)["allocations"]] == [sim.pid]
+    c.generate(model="b:1", prompt="", options={"num_ctx": 8192})
+    vram = sum(m.size_vram or 0 for m in c.ps().models)
+    assert vram == (358 + 360) * MIB
+    assert smi_used(env) == {0: 0, 1: 718}
+    uuid1 = nvidia_smi("--query-gpu=uuid", "--format=csv,noheader", "-i", "1", env=env).stdout
+    assert smi_apps(env) == {(sim.pid, uuid1.strip()): 718}
+    assert [a["pid"] for a in read_gpu_file(gpu)["allocations"]] == [sim.pid, sim.pid]
     assert sim.stop() == 0
     assert read_gpu_file(gpu)["allocations"] == []
     assert smi_used(env) == {0: 0, 1: 0}
-
-
-def test_cuda_visible_devices(
-    tmp_path: Path, setup: tuple[dict[str, str], Path], clients: list[ollama.Client]
-) -> None:
-    """CUDA_VISIBLE_DEVICES limits a simulator to some GPUs; empty means CPU only."""
-    env, _ = setup
-    with start_sim(tmp_path, {**env, "CUDA_VISIBLE_DEVICES": "1"}) as sim:
-        c = client_for(sim, clients)
-        c.generate(model="a:1", prompt="")
-        assert smi_used(env) == {0: 0, 1: 358}
     with start_sim(tmp_path, {**env, "CUDA_VISIBLE_DEVICES": ""}) as sim:
         c = client_for(sim, clients)
         c.generate(model="a:1", prompt="")
@@ -158,7 +154,7 @@ def test_model_spreads_over_gpus_and_default_max_models(
 
 def test_nvidia_smi_formats(tmp_path: Path, setup: tuple[dict[str, str], Path]) -> None:
     """The stand-in answers -L and --query-gpu in the real tool's csv formats."""
-    env, gpu = setup
+    env, _ = setup
     listed = nvidia_smi("-L", env=env).stdout.splitlines()
     assert len(listed) == 2
     assert listed[0].startswith("GPU 0: Sim GPU A (UUID: GPU-") and listed[0].endswith(")")
@@ -193,18 +189,3 @@ def test_nvidia_smi_errors_and_default_gpu(tmp_path: Path) -> None:
     assert default.stdout.strip() == "NVIDIA GeForce RTX 4090, 0, 24576"
     missing = nvidia_smi("-L", env={"OLLAMA_SIM_GPU": str(tmp_path / "nope.json")})
     assert missing.returncode == 9 and "couldn't communicate" in missing.stdout
-
-
-def test_ps_matches_nvidia_smi_per_process(
-    tmp_path: Path, setup: tuple[dict[str, str], Path], clients: list[ollama.Client]
-) -> None:
-    """The memory nvidia-smi shows for a simulator equals its /api/ps size_vram (in MiB)."""
-    env, _ = setup
-    with start_sim(tmp_path, {**env, "CUDA_VISIBLE_DEVICES": "0"}) as sim:
-        c = client_for(sim, clients)
-        c.generate(model="a:1", prompt="")
-        c.generate(model="b:1", prompt="", options={"num_ctx": 8192})
-        vram = sum(m.size_vram or 0 for m in c.ps().models)
-        apps = smi_apps(env)
-        assert sum(apps.values()) == vram // MIB
-        assert {pid for pid, _ in apps} == {sim.pid}

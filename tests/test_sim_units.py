@@ -10,15 +10,15 @@ from simproc import SIM_DIR
 
 sys.path.insert(0, str(SIM_DIR))
 
-from simlib.catalog import ModelSpec  # noqa: E402
-from simlib.config import ConfigError, parse_faults, parse_host  # noqa: E402
-from simlib.durations import (  # noqa: E402
+from simlib.catalog import ModelSpec
+from simlib.config import ConfigError, parse_faults, parse_host
+from simlib.durations import (
     parse_go_duration,
     parse_keep_alive_env,
     parse_keep_alive_json,
 )
-from simlib.memory import GRAPH_BYTES, estimate, kv_bytes, place  # noqa: E402
-from simlib.store import parse_name  # noqa: E402
+from simlib.memory import GRAPH_BYTES, estimate, kv_bytes, place
+from simlib.store import parse_name
 
 MIB = 1024 * 1024
 

@@ -263,9 +263,13 @@ class Machine:
     def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return self.run("sh", "-ec", script, **kwargs)  # type: ignore[arg-type]
 
-    def write(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Write a file inside the (running) container, as root."""
-        self.run("install", "-D", "-m", f"{mode:o}", "/dev/stdin", path, input=text)
+    def write(self, path: str, text: str, mode: int = 0o644, owner: str = "root:root") -> None:
+        """Write a file inside the (running) container."""
+        user, group = owner.split(":")
+        self.run(
+            *("install", "-D", "-m", f"{mode:o}", "-o", user, "-g", group, "/dev/stdin", path),
+            input=text,
+        )
 
     def shutdown(self, timeout: float = 20) -> None:
         """Power the container off; kill it if it does not go in time."""

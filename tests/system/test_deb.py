@@ -22,6 +22,7 @@ pytestmark = pytest.mark.system
 
 MODEL = "tiny:1m"
 UNIT = "llmd.service"
+CONF = "/etc/llmd/llmd.toml"
 SIM_GPU = "/var/lib/llmd/sim/gpu.json"
 # llmd's own environment (inherited by its children): the simulated GPU for nvidia-smi.
 SIM_DROPIN = f"""[Service]
@@ -50,14 +51,17 @@ priority = 1
 """
 
 
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 30) -> Any:
+def wait_for(
+    what: str, pred: Callable[[], Any], timeout: float = 30, why: Callable[[], str] = str
+) -> Any:
+    """Poll pred until it returns something true; on timeout, fail with why()."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{why()}")
         time.sleep(0.2)
 
 
@@ -86,6 +90,16 @@ def child_pid(m: Machine) -> int:
     return int(backend["pid"] or 0) if backend["state"] == "running" else 0
 
 
+def running_child(m: Machine) -> int:
+    """Wait for the backend's child to run; its PID."""
+
+    def why() -> str:
+        st = m.run("llmctl", "status", check=False)
+        return f"llmctl status: {st.stdout}{st.stderr}\njournal:\n{journal(m, time.time() - 60)}"
+
+    return int(wait_for("the backend to run", lambda: child_pid(m), why=why))
+
+
 def ollama_processes(m: Machine) -> list[tuple[int, int]]:
     """(pid, ppid) of every `ollama serve` in the container (the simulator runs as python3)."""
     out = m.run("ps", "-eo", "pid=,ppid=,args=").stdout
@@ -106,7 +120,8 @@ def wait_active(m: Machine, old_main: int | None = None, timeout: float = 60) ->
         pid = int(p["MainPID"])
         return pid if pid and pid != old_main else 0
 
-    return int(wait_for("llmd to be active again", ready, timeout))
+    since = time.time() - 10
+    return int(wait_for("llmd to be active", ready, timeout, why=lambda: journal(m, since)))
 
 
 def request_count(m: Machine) -> int:
@@ -161,12 +176,12 @@ class TestInstalledDeb:
         assert "video" in machine.run("id", "-nG", "llmd").stdout.split()
         # This container has no `render` group: the unit must still start (see below).
         assert machine.run("getent", "group", "render", check=False).returncode == 2
-        stat = machine.run("stat", "-c", "%U:%G %a", "/etc/llmd/llmd.toml").stdout.strip()
+        stat = machine.run("stat", "-c", "%U:%G %a", CONF).stdout.strip()
         assert stat == "root:llmd 640"
         conffiles = machine.run("dpkg-query", "-W", "-f=${Conffiles}", "llmd").stdout
-        assert "/etc/llmd/llmd.toml" in conffiles
+        assert CONF in conffiles
         # The shipped reference config is valid under Debian's own Python libraries.
-        machine.run("llmd", "--check-config", "/etc/llmd/llmd.toml")
+        machine.run("llmd", "--check-config", CONF)
         for page in ("llmd", "llmctl"):
             machine.run("man", "-w", page)
 
@@ -181,12 +196,11 @@ class TestInstalledDeb:
 
     def test_start_reaches_active_through_ready(self, machine: Machine) -> None:
         """`systemctl enable --now` returns once llmd sent READY=1, with both sockets up."""
-        machine.write("/etc/llmd/llmd.toml", CONFIG)
+        # Edited in place, as sudoedit would: the file keeps its root:llmd 0640.
+        machine.write(CONF, CONFIG, mode=0o640, owner="root:llmd")
         machine.write("/etc/systemd/system/llmd.service.d/sim.conf", SIM_DROPIN)
-        machine.run("install", "-d", "-o", "llmd", "-g", "llmd", "/var/lib/llmd/sim")
         gpu = {"devices": [{"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_mib": 24564}]}
-        machine.write(SIM_GPU, json.dumps(gpu))
-        machine.run("chown", "llmd:llmd", SIM_GPU)
+        machine.write(SIM_GPU, json.dumps(gpu), owner="llmd:llmd")
         machine.run("systemctl", "daemon-reload")
         with step("systemctl enable --now llmd"):
             r = machine.run("systemctl", "enable", "--now", UNIT, check=False, timeout=120)
@@ -202,7 +216,7 @@ class TestInstalledDeb:
         sock = machine.run("stat", "-c", "%A %G", "/run/llmd/admin.sock").stdout.split()
         assert sock == ["srw-rw----", "llmd"]
         # The child runs inside the unit's sandbox, as llmd, and holds the GPU groups.
-        pid = wait_for("the backend to run", lambda: child_pid(machine))
+        pid = running_child(machine)
         proc = machine.run("cat", f"/proc/{pid}/status").stdout
         uid = machine.run("id", "-u", "llmd").stdout.strip()
         assert re.search(rf"^Uid:\s+{uid}\s", proc, re.M), proc
@@ -241,13 +255,13 @@ class TestInstalledDeb:
     def test_reload_keeps_the_child(self, machine: Machine) -> None:
         """`systemctl reload` re-reads the config in place: same daemon, same child."""
         main = int(show(machine, "MainPID")["MainPID"])
-        child = wait_for("the backend to run", lambda: child_pid(machine))
+        child = running_child(machine)
         since = time.time()
         with step("systemctl reload llmd"):
             machine.run("systemctl", "reload", UNIT)
         wait_active(machine)
         assert int(show(machine, "MainPID")["MainPID"]) == main
-        assert wait_for("the backend to run", lambda: child_pid(machine)) == child
+        assert running_child(machine) == child
         assert "Reloaded" in journal(machine, since - 1)
 
     def test_restart_keeps_learned_statistics(self, machine: Machine) -> None:
@@ -268,7 +282,7 @@ class TestInstalledDeb:
         """After `kill -9` of llmd, systemd restarts it and the old child is gone."""
         props = show(machine, "MainPID", "NRestarts")
         main, restarts = int(props["MainPID"]), int(props["NRestarts"])
-        child = wait_for("the backend to run", lambda: child_pid(machine))
+        child = running_child(machine)
         with step("kill -9 llmd until active again"):
             machine.run("kill", "-9", str(main))
             new_main = wait_active(machine, old_main=main)
@@ -295,33 +309,63 @@ class TestInstalledDeb:
         machine.run("rm", dropin)
         machine.run("systemctl", "daemon-reload")
 
+    def test_invalid_config_is_not_restarted_in_a_loop(self, machine: Machine) -> None:
+        """An invalid config fails the start with exit 78, which the unit does not restart."""
+        restarts = int(show(machine, "NRestarts")["NRestarts"])
+        machine.write(CONF, CONFIG + "bogus_key = 1\n", mode=0o640, owner="root:llmd")
+        r = machine.run("systemctl", "restart", UNIT, check=False, timeout=120)
+        assert r.returncode != 0
+        time.sleep(4)  # twice RestartSec: a restart would have happened by now
+        props = show(machine, "ActiveState", "ExecMainStatus", "NRestarts")
+        assert props == {
+            "ActiveState": "failed",
+            "ExecMainStatus": "78",
+            "NRestarts": str(restarts),
+        }, (props, journal(machine, time.time() - 10))
+        assert "bogus_key" in journal(machine, time.time() - 10)
+        machine.write(CONF, CONFIG, mode=0o640, owner="root:llmd")
+        machine.run("systemctl", "reset-failed", UNIT)
+        machine.run("systemctl", "start", UNIT, timeout=120)
+
     def test_stop_leaves_nothing_running(self, machine: Machine) -> None:
         """`systemctl stop` ends llmd cleanly and takes its children with it."""
         with step("systemctl stop llmd"):
             machine.run("systemctl", "stop", UNIT, timeout=120)
         props = show(machine, "ActiveState", "Result")
         assert props == {"ActiveState": "inactive", "Result": "success"}, props
-        assert machine.run("pgrep", "-u", "llmd", check=False).stdout == ""
+        assert machine.run("pgrep", "-u", "llmd", check=False).returncode == 1
         assert machine.run("test", "-e", "/run/llmd", check=False).returncode == 1
         machine.run("systemctl", "start", UNIT, timeout=120)
+
+    def test_reinstall_keeps_the_edited_config_and_restarts(
+        self, machine: Machine, deb: Path
+    ) -> None:
+        """Reinstalling, as an upgrade does, keeps the local config and restarts llmd."""
+        main = int(show(machine, "MainPID")["MainPID"])
+        with step("apt-get install --reinstall ./llmd.deb"):
+            machine.run("apt-get", "install", "--reinstall", "-y", "-q", f"/root/{deb.name}")
+        assert machine.run("cat", CONF).stdout == CONFIG
+        assert machine.run("stat", "-c", "%U:%G %a", CONF).stdout.strip() == "root:llmd 640"
+        wait_active(machine, old_main=main)
 
     def test_purge_removes_everything(self, machine: Machine) -> None:
         """`apt-get purge` stops llmd and removes the unit, the user, the group and the state."""
         assert machine.run("test", "-s", "/var/lib/llmd/llmd.db", check=False).returncode == 0
+        uid = machine.run("id", "-u", "llmd").stdout.strip()
         with step("apt-get purge llmd"):
             machine.run("apt-get", "purge", "-y", "-q", "llmd", timeout=120)
-        assert machine.run("pgrep", "-u", "llmd", check=False).stdout == ""
+        assert machine.run("pgrep", "-u", uid, check=False).returncode == 1
         assert ollama_processes(machine) == []
         for path in (
             "/lib/systemd/system/llmd.service",
             "/etc/systemd/system/multi-user.target.wants/llmd.service",
             "/var/lib/llmd",
-            "/etc/llmd/llmd.toml",
+            CONF,
             "/usr/bin/llmd",
         ):
             assert machine.run("test", "-e", path, check=False).returncode == 1, path
         assert show(machine, "LoadState") == {"LoadState": "not-found"}
         assert machine.run("getent", "passwd", "llmd", check=False).returncode == 2
         assert machine.run("getent", "group", "llmd", check=False).returncode == 2
-        r = machine.run("dpkg-statoverride", "--list", "/etc/llmd/llmd.toml", check=False)
+        r = machine.run("dpkg-statoverride", "--list", CONF, check=False)
         assert r.returncode == 1, r.stdout

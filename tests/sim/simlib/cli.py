@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
-from . import VERSION
+from . import VERSION, logs
+from .catalog import load_catalog
 from .config import ConfigError, load_settings, parse_host
+from .gpu import GpuFileError, GpuState
+from .store import Store
 
 USAGE = """Large language model runner (simulator for llmd's tests)
 
@@ -56,6 +60,37 @@ def version() -> int:
     return 0
 
 
+def serve() -> int:
+    """`ollama serve`: validate everything before the (slow) aiohttp import, then run."""
+    try:
+        settings = load_settings()
+        catalog = load_catalog(settings.catalog_path)
+        gpu = GpuState(settings.gpu_file)
+        gpu.snapshot()
+        store = Store(settings.models_dir, catalog)
+        store.materialize_presets()
+    except (ConfigError, GpuFileError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"Error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    faults = settings.faults
+    if faults.slow_start > 0:
+        logs.info(
+            "sim.go:1", "slow_start fault: waiting before listening", seconds=faults.slow_start
+        )
+        time.sleep(faults.slow_start)
+    if faults.never_ready:
+        logs.info("sim.go:1", "never_ready fault: not listening, sleeping forever")
+        while True:
+            time.sleep(3600)
+    from . import server
+
+    server.log_config(settings)
+    return server.serve(settings, catalog, gpu, store)
+
+
 def main(argv: list[str]) -> int:
     """Entry point of tests/sim/ollama."""
     args = argv[1:]
@@ -68,14 +103,7 @@ def main(argv: list[str]) -> int:
         if any(a in ("-h", "--help") for a in args[1:]):
             print("Start ollama\n\nUsage:\n  ollama serve [flags]\n\nSee tests/sim/README.md.")
             return 0
-        try:
-            settings = load_settings()
-        except ConfigError as e:
-            print(f"Error: {e}", file=sys.stderr)
-            return 1
-        from .server import serve
-
-        return serve(settings)
+        return serve()
     if args[0] in REAL_COMMANDS:
         print(f"Error: 'ollama {args[0]}' is not supported by the simulator", file=sys.stderr)
         return 1

@@ -122,7 +122,7 @@ def go_time(epoch_ns: int | None = None, *, utc: bool = False) -> str:
         epoch_ns = time.time_ns()
     secs, nanos = divmod(epoch_ns, 1_000_000_000)
     if utc:
-        d = dt.datetime.fromtimestamp(secs, tz=dt.timezone.utc)
+        d = dt.datetime.fromtimestamp(secs, tz=dt.UTC)
     else:
         d = dt.datetime.fromtimestamp(secs).astimezone()
     frac = f"{nanos:09d}".rstrip("0")

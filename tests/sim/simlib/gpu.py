@@ -103,7 +103,7 @@ def _kill0(pid: int) -> str | None:
 
 def is_alive(pid: int, token: str) -> bool:
     """Whether the allocation's owner still runs (same pid and same start time)."""
-    now = start_token(pid) if os.path.exists("/proc/self/stat") else _kill0(pid)
+    now = start_token(pid) if Path("/proc/self/stat").exists() else _kill0(pid)
     return now is not None and (token == "" or now == "" or now == token)
 
 
@@ -204,7 +204,7 @@ class GpuState:
             raw["allocations"] = [a.to_json() for a in others + mine]
             tmp = self.path.with_name(f".{self.path.name}.tmp.{self.pid}")
             tmp.write_text(json.dumps(raw, indent=1), encoding="utf-8")
-            os.replace(tmp, self.path)
+            tmp.replace(self.path)
 
     def release_all(self) -> None:
         """Drop every allocation of this process (clean exit)."""

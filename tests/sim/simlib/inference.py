@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import Settings
 from .httputil import ApiError
-from .sched import Runner, Scheduler, SchedError
+from .sched import Runner, SchedError, Scheduler
 from .store import Installed, Name, Store, parse_name
 
 # Prompt processing runs this many times faster than generation.

@@ -18,10 +18,10 @@ from aiohttp import web, web_server
 from . import VERSION, logs
 from .api_native import NativeApi
 from .api_openai import OpenAiApi, openai_error
-from .catalog import load_catalog
-from .config import ConfigError, Settings
+from .catalog import ModelSpec
+from .config import Settings
 from .durations import format_duration
-from .gpu import MIB, GpuFileError, GpuState, free_bytes
+from .gpu import MIB, GpuState, free_bytes
 from .httputil import ApiError, error_response
 from .inference import Engine
 from .sched import Scheduler
@@ -82,14 +82,13 @@ class HostCheck:
             ip = ipaddress.ip_address(host)
         except ValueError:
             ip = None
-        if ip is not None:
-            if (
-                ip.is_loopback
-                or ip.is_unspecified
-                or any(ip in n for n in _PRIVATE if n.version == ip.version)
-                or str(ip) in self.local_ips
-            ):
-                return True
+        if ip is not None and (
+            ip.is_loopback
+            or ip.is_unspecified
+            or any(ip in n for n in _PRIVATE if n.version == ip.version)
+            or str(ip) in self.local_ips
+        ):
+            return True
         h = host.lower()
         # server/routes.go allowedHost
         if h in ("", "localhost") or h == self.hostname:
@@ -210,6 +209,24 @@ def _listen_addr(addresses: list[Any], host: str) -> str:
     return f"{host}:0"
 
 
+def _all_interfaces_socket(port: int) -> socket.socket:
+    """Like Go's net.Listen("tcp", ":port"): one dual-stack socket on every interface."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        addr: tuple[str, int] = ("::", port)
+    except OSError:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        addr = ("0.0.0.0", port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _runner_kwargs() -> dict[str, Any]:
     # aiohttp >= 3.9 no longer cancels a handler when its client goes away unless asked to;
     # 3.8 always did. Ollama cancels the request context either way.
@@ -217,7 +234,8 @@ def _runner_kwargs() -> dict[str, Any]:
     return {"handler_cancellation": True} if "handler_cancellation" in params else {}
 
 
-def _log_config(settings: Settings) -> None:
+def log_config(settings: Settings) -> None:
+    """The "server config" line Ollama logs first."""
     env = {
         "CUDA_VISIBLE_DEVICES": ",".join(settings.visible_devices or ()),
         "OLLAMA_CONTEXT_LENGTH": settings.context_length,
@@ -239,12 +257,17 @@ async def _serve(settings: Settings, engine: Engine) -> int:
     app = build_app(settings, engine)
     runner = web.AppRunner(app, access_log=None, **_runner_kwargs())
     await runner.setup()
-    site = web.TCPSite(runner, settings.host or None, settings.port)
     try:
+        site: web.BaseSite
+        if settings.host:
+            site = web.TCPSite(runner, settings.host, settings.port)
+        else:
+            site = web.SockSite(runner, _all_interfaces_socket(settings.port))
         await site.start()
     except OSError as e:
         bind = f"{settings.host}:{settings.port}"
-        print(f"Error: listen tcp {bind}: bind: {e.strerror or e}", file=sys.stderr)
+        why = os.strerror(e.errno) if e.errno else str(e)
+        print(f"Error: listen tcp {bind}: bind: {why[:1].lower()}{why[1:]}", file=sys.stderr)
         return 1
     sched = engine.sched
     addr = _listen_addr(list(runner.addresses), settings.host)
@@ -287,31 +310,8 @@ async def _serve(settings: Settings, engine: Engine) -> int:
     os._exit(0)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, catalog: list[ModelSpec], gpu: GpuState, store: Store) -> int:
     """Run `ollama serve` until SIGTERM/SIGINT; returns an exit code on startup failure."""
-    _log_config(settings)
-    try:
-        catalog = load_catalog(settings.catalog_path)
-        gpu = GpuState(settings.gpu_file)
-        gpu.snapshot()
-        store = Store(settings.models_dir, catalog)
-        store.materialize_presets()
-    except (ConfigError, GpuFileError) as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"Error: {settings.models_dir}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    faults = settings.faults
-    if faults.slow_start > 0:
-        logs.info(
-            "sim.go:1", "slow_start fault: waiting before listening", seconds=faults.slow_start
-        )
-        time.sleep(faults.slow_start)
-    if faults.never_ready:
-        logs.info("sim.go:1", "never_ready fault: not listening, sleeping forever")
-        while True:
-            time.sleep(3600)
     logs.info("images.go:1", f"total blobs: {len(store.list())}")
     engine = Engine(settings, store, Scheduler(settings, gpu))
     return asyncio.run(_serve(settings, engine))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,13 +165,9 @@ def list_gpus(devices: list[Device]) -> list[str]:
 def summary(devices: list[Device], allocs: list[Allocation]) -> list[str]:
     """A short version of the default table."""
     now = dt.datetime.now().strftime("%a %b %d %H:%M:%S %Y")
-    bar = "+-----------------------------------------------------------------------------------------+"
-    out = [
-        now,
-        bar,
-        f"| NVIDIA-SMI {DRIVER}              Driver Version: {DRIVER}      CUDA Version: {CUDA}     |",
-        bar,
-    ]
+    bar = "+" + "-" * 89 + "+"
+    head = f" NVIDIA-SMI {DRIVER}    Driver Version: {DRIVER}    CUDA Version: {CUDA}"
+    out = [now, bar, f"|{head:<89}|", bar]
     for d in devices:
         used = used_mib(d, allocs)
         mem = f"{used}MiB / {d.total_mib}MiB"

@@ -220,4 +220,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
+    tmp.replace(path)

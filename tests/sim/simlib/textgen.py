@@ -7,12 +7,16 @@ import math
 import random
 import struct
 
-WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven models share one GPU and "
-    "every token arrives on time because the scheduler keeps its promises to each client "
-    "so memory stays free for whoever asks next and nothing waits too long in the queue "
-    "of pending loads that wander between cards like clouds over quiet valleys"
-).split()
+# fmt: off
+WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
+    "models", "share", "one", "GPU", "and", "every", "token", "arrives", "on", "time",
+    "because", "the", "scheduler", "keeps", "its", "promises", "to", "each", "client",
+    "so", "memory", "stays", "free", "for", "whoever", "asks", "next", "and", "nothing",
+    "waits", "too", "long", "in", "the", "queue", "of", "pending", "loads", "that", "wander",
+    "between", "cards", "like", "clouds", "over", "quiet", "valleys",
+]
+# fmt: on
 
 
 def _rng(*parts: str) -> random.Random:

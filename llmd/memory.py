@@ -1,0 +1,358 @@
+"""GPU memory: model footprints, admission of cold loads, eviction under pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from llmd import gpu, policy
+from llmd.config import Config
+from llmd.lifecycle import MState
+from llmd.process import Child
+
+if TYPE_CHECKING:
+    from llmd.lifecycle import Lifecycle, Model
+    from llmd.store import Store
+
+log = logging.getLogger("llmd.memory")
+
+GiB = 1024**3
+# How long freed memory may take to show in the probe after an unload (Ollama polls 5 s for it,
+# server/sched.go waitForVRAMRecovery).
+RECOVERY_WAIT_S = 5.0
+RECHECK_S = 1.0
+# The context Ollama gives a model when nothing says otherwise, by the GPU memory it sees
+# (envconfig, v0.15.5+): below 23 GiB 4096, below 47 GiB 32768, else 262144.
+CONTEXT_TIERS = ((23 * GiB, 4096), (47 * GiB, 32768))
+BIG_CONTEXT = 262144
+
+
+class NoRoom(Exception):
+    """A cold model cannot be given GPU memory; the message names who holds it."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Predicted GPU bytes of a model and where the number comes from."""
+
+    bytes: int
+    basis: str  # measured | estimated | table | unknown
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+class Memory:
+    """Decides whether a cold model fits, and who leaves when it does not."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        probe: gpu.Probe,
+        *,
+        store: Store,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.probe = probe
+        self.store = store
+        self.snapshot: gpu.GpuSnapshot | None = None
+        self._session = session
+        self._clock = clock
+        self._estimates: dict[str, Footprint] = {}
+        self._changed = asyncio.Event()
+        self.lifecycle: Lifecycle
+
+    @property
+    def enabled(self) -> bool:
+        """Admission works only with a probe that sees devices."""
+        return self.snapshot is not None and bool(self.snapshot.devices)
+
+    def changed(self) -> None:
+        """A model was released or unloaded: waiting admissions look again."""
+        self._changed.set()
+
+    async def read(self) -> gpu.GpuSnapshot:
+        """A fresh probe reading (also kept for status)."""
+        self.snapshot = await self.probe.read()
+        return self.snapshot
+
+    # -- footprints -------------------------------------------------------------------------------
+
+    def devices_of(self, child: Child, snap: gpu.GpuSnapshot) -> list[gpu.Device]:
+        """The GPUs a backend's child may use."""
+        if child.cfg.gpus is None:
+            return list(snap.devices)
+        return [d for d in snap.devices if d.index in child.cfg.gpus]
+
+    def num_ctx(self, child: Child, devices: list[gpu.Device], options: dict[str, Any]) -> int:
+        """The context Ollama will give the model: the request's, the backend's, else its tier."""
+        for raw in (options.get("num_ctx"), child.cfg.env.get("OLLAMA_CONTEXT_LENGTH")):
+            with contextlib.suppress(TypeError, ValueError):
+                if raw is not None and int(raw) > 0:
+                    return int(raw)
+        total = sum(d.total_bytes for d in devices)
+        for limit, ctx in CONTEXT_TIERS:
+            if total < limit:
+                return ctx
+        return BIG_CONTEXT
+
+    async def footprint(
+        self, m: Model, child: Child, devices: list[gpu.Device], options: dict[str, Any]
+    ) -> Footprint:
+        """Measured size from the model's last full load, else an estimate, else the table."""
+        # Ollama's /api/ps `size` is the whole model, whatever part of it sat on the GPU.
+        if m.size:
+            return Footprint(m.size, "measured")
+        facts = self.store.model_facts(m.name)
+        if facts is not None and (facts.size or facts.size_vram):
+            return Footprint(facts.size or facts.size_vram or 0, "measured")
+        if m.name in self._estimates:
+            return self._estimates[m.name]
+        est = await self._estimate(m.name, child, devices, options)
+        self._estimates[m.name] = est
+        return est
+
+    async def _estimate(
+        self, name: str, child: Child, devices: list[gpu.Device], options: dict[str, Any]
+    ) -> Footprint:
+        file_size = next(
+            (
+                int(t.get("size") or 0)
+                for t in self.lifecycle.backends.tags(child.name)
+                if t.get("name") == name
+            ),
+            None,
+        )
+        try:
+            async with self._session.post(
+                child.url + "/api/show",
+                json={"model": name},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as r:
+                show = await r.json(content_type=None) if r.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            show = {}
+        parallel = int(child.cfg.env.get("OLLAMA_NUM_PARALLEL", "1") or 1)
+        ctx = self.num_ctx(child, devices, options)
+        est = gpu.estimate_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
+        if est is not None:
+            return Footprint(est, "estimated")
+        table = gpu.model_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
+        if table is not None:
+            return Footprint(table, "table")
+        return Footprint(file_size or 0, "unknown")
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def _room(self, devices: Iterable[gpu.Device]) -> int:
+        """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve."""
+        g = self.cfg.gpu
+        return sum(
+            max(0, int(d.total_bytes * g.high_watermark) - g.reserve - d.used_bytes)
+            for d in devices
+        )
+
+    def _candidates(self, devices: list[gpu.Device], exclude: str) -> list[policy.Candidate]:
+        """Loaded models that share any of these GPUs."""
+        indexes = {d.index for d in devices}
+        pins = self.store.pins()
+        now = self._clock()
+        out = []
+        for m in self.lifecycle.models.values():
+            if m.name == exclude or m.state is not MState.LOADED:
+                continue
+            child = self.lifecycle.backends.children.get(m.backend)
+            if child is None:
+                continue
+            if child.cfg.gpus is not None and not indexes & set(child.cfg.gpus):
+                continue
+            mc = self.cfg.model(m.name)
+            hist = self.store.idle_histogram(m.name)
+            facts = self.store.model_facts(m.name)
+            load_s = (facts.load_s if facts and facts.load_s else m.last_load_s) or 10.0
+            priority = mc.priority if mc else 5
+            size_gb = max((m.size_vram or m.size) / 1e9, 0.01)
+            out.append(
+                policy.Candidate(
+                    name=m.name,
+                    priority=priority,
+                    pinned=bool((mc and mc.pin) or m.name in pins),
+                    in_flight=m.in_flight,
+                    size_bytes=m.size_vram or m.size,
+                    idle_s=0.0 if m.idle_since is None else now - m.idle_since,
+                    hist=hist,
+                    break_even_s=policy.break_even_s(
+                        load_s, size_gb, priority, self.cfg.keep_alive.beta
+                    ),
+                    load_s=load_s,
+                )
+            )
+        return out
+
+    async def admit(self, m: Model, child: Child, options: dict[str, Any]) -> Footprint | None:
+        """Make room for a cold model on its backend's GPUs, or raise NoRoom after waiting."""
+        snap = await self.read()
+        devices = self.devices_of(child, snap)
+        if not devices:
+            return None  # no probe, or it sees no GPU: admission is off
+        mc = self.cfg.model(m.name)
+        fp = await self.footprint(m, child, devices, options)
+        if mc is not None and mc.allow_cpu_spill:
+            return fp
+        priority = mc.priority if mc else 5
+        preempt = bool(mc and mc.preempt)
+        deadline = self._clock() + self.cfg.gpu.admission_timeout
+        while True:
+            room = self._room(devices)
+            if fp.bytes <= room:
+                return fp
+            cands = self._candidates(devices, m.name)
+            victims = policy.choose_victims(
+                cands, fp.bytes - room, requester_priority=priority, preempt=preempt
+            )
+            if victims:
+                why = (
+                    f"to make room for {m.name} (needs {_gib(fp.bytes)}, {fp.basis}; "
+                    f"{_gib(room)} free on {self._where(devices)})"
+                )
+                await self._evict(victims, why)
+                snap = await self._await_recovery(devices, fp.bytes)
+                devices = self.devices_of(child, snap)
+                continue
+            left = deadline - self._clock()
+            if left <= 0:
+                raise NoRoom(
+                    self._no_room(m.name, fp, room, devices, cands),
+                    max(1, int(self.cfg.gpu.admission_timeout)),
+                )
+            # Wait for a model to go idle or leave, or for other programs to free memory.
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(RECHECK_S, left))
+            snap = await self.read()
+            devices = self.devices_of(child, snap)
+
+    def _where(self, devices: list[gpu.Device]) -> str:
+        return ", ".join(f"GPU {d.index}" for d in devices)
+
+    async def _evict(self, names: list[str], why: str) -> None:
+        for name in names:
+            m = self.lifecycle.models.get(name)
+            if m is not None and m.state is MState.LOADED and m.in_flight == 0:
+                await self.lifecycle.evict(m, why)
+            elif m is not None and m.state is MState.LOADED:
+                await self.lifecycle.evict(m, why + "; preempted while busy")
+
+    async def _await_recovery(self, devices: list[gpu.Device], need: int) -> gpu.GpuSnapshot:
+        """After an unload the driver frees memory a little later: poll until it shows."""
+        deadline = self._clock() + RECOVERY_WAIT_S
+        indexes = {d.index for d in devices}
+        while True:
+            snap = await self.read()
+            mine = [d for d in snap.devices if d.index in indexes]
+            if self._room(mine) >= need or self._clock() >= deadline:
+                return snap
+            await asyncio.sleep(0.1)
+
+    def _no_room(
+        self,
+        name: str,
+        fp: Footprint,
+        room: int,
+        devices: list[gpu.Device],
+        cands: list[policy.Candidate],
+    ) -> str:
+        holders = []
+        for c in sorted(cands, key=lambda c: c.priority):
+            why = (
+                "pinned"
+                if c.pinned
+                else (f"{c.in_flight} request(s) in flight" if c.in_flight else "more important")
+            )
+            holders.append(f"{c.name} ({_gib(c.size_bytes)}, priority {c.priority}, {why})")
+        ours = sum(c.size_bytes for c in cands)
+        used = sum(d.used_bytes for d in devices)
+        other = max(0, used - ours)
+        if other > 256 * 1024**2:
+            holders.append(f"other programs ({_gib(other)})")
+        held = "; held by " + ", ".join(holders) if holders else ""
+        return (
+            f"not enough GPU memory for {name}: it needs {_gib(fp.bytes)} ({fp.basis}) and "
+            f"{_gib(room)} is free on {self._where(devices)} under gpu.high_watermark "
+            f"{self.cfg.gpu.high_watermark:g} and gpu.reserve{held}; waited "
+            f"{self.cfg.gpu.admission_timeout:g}s"
+        )
+
+    # -- pressure ---------------------------------------------------------------------------------
+
+    async def run_pressure(self) -> None:
+        """Every [gpu] interval: above the high watermark, evict idle models to the low one."""
+        while True:
+            try:
+                await self.relieve()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("pressure check failed: %s", e)
+            await asyncio.sleep(self.cfg.gpu.interval)
+
+    async def relieve(self) -> list[str]:
+        """One pressure check; returns the models it evicted."""
+        snap = await self.read()
+        g = self.cfg.gpu
+        evicted: list[str] = []
+        for d in snap.devices:
+            if d.total_bytes <= 0 or d.used_bytes <= g.high_watermark * d.total_bytes:
+                continue
+            need = d.used_bytes - int(g.low_watermark * d.total_bytes)
+            cands = [c for c in self._candidates([d], exclude="") if c.in_flight == 0]
+            names = policy.choose_victims(cands, need)
+            if names is None:
+                # Free what can be freed even if it is not enough.
+                names = (
+                    policy.choose_victims(cands, sum(c.size_bytes for c in cands if not c.pinned))
+                    or []
+                )
+            if not names:
+                continue
+            ours = sum(c.size_bytes for c in self._candidates([d], exclude=""))
+            why = (
+                f"GPU {d.index} at {d.used_bytes / d.total_bytes:.0%} of "
+                f"{_gib(d.total_bytes)}, above gpu.high_watermark {g.high_watermark:g} "
+                f"(other programs hold {_gib(max(0, d.used_bytes - ours))})"
+            )
+            await self._evict(names, why)
+            evicted += names
+        return evicted
+
+    async def pinned_fit_error(
+        self, footprints: Callable[[], Awaitable[dict[str, int]]]
+    ) -> str | None:
+        """Why the pinned models cannot all fit in GPU memory together, or None."""
+        snap = self.snapshot or await self.read()
+        if not snap.devices:
+            return None
+        sizes = await footprints()
+        g = self.cfg.gpu
+        capacity = sum(int(d.total_bytes * g.high_watermark) - g.reserve for d in snap.devices)
+        total = sum(sizes.values())
+        if total <= capacity:
+            return None
+        listed = ", ".join(f"{n} ({_gib(s)})" for n, s in sizes.items())
+        return (
+            f"pinned models need {_gib(total)} together but the GPUs hold {_gib(capacity)} "
+            f"under gpu.high_watermark and gpu.reserve: {listed}; unpin one or add memory"
+        )
