@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 import time
+import timeit
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `llmd` import
 
 from bench.replay import FIXED_MINUTES, POLICIES, Params, Result, percentile, replay
 from bench.traces import DAY, FAMILIES, Trace, TraceError, load_models, load_trace, make_family
+from llmd.policy import NBINS, Candidate, IdleHistogram, choose_victims, decide_keep_alive
 
 DEFAULT_BETA = 0.001
 """Latency-seconds per idle GB-s: one second of a weight-1 cold start is worth 1000 GB-s of
@@ -139,6 +142,7 @@ def plot(run: dict[str, Any], outdir: Path) -> Path:
         "adaptive-prewarm": ("P", "tab:purple", 140),
         "lru": ("s", "tab:brown", 80),
         "break-even": ("D", "tab:orange", 70),
+        "oracle-fixed": ("X", "tab:olive", 90),
         "oracle-reactive": ("^", "tab:green", 90),
         "oracle-preload": ("v", "tab:blue", 90),
     }
@@ -175,6 +179,30 @@ def latency_summary(results: list[Result]) -> dict[str, float]:
     }
 
 
+def policy_latency_us() -> dict[str, float]:
+    """Best-of-5 microseconds per call on a worst case: every histogram bin filled."""
+    hist = IdleHistogram(counts=[1 + (7 * i) % 50 for i in range(NBINS)], oob=10)
+    kw: dict[str, Any] = {
+        "load_s": 6.5,
+        "size_gb": 4.9,
+        "priority": 2,
+        "beta": DEFAULT_BETA,
+        "min_s": 0.0,
+        "max_s": 14400.0,
+        "default_s": 600.0,
+    }
+    cands = [
+        Candidate(f"m{i}", 1 + i % 5, False, 0, 5 * 10**9, 300.0 * i, hist, 1800.0, 6.5)
+        for i in range(16)
+    ]
+    calls: dict[str, Callable[[], object]] = {
+        "decide_keep_alive": lambda: decide_keep_alive(hist, **kw),
+        "decide_keep_alive_prewarm": lambda: decide_keep_alive(hist, prewarm=True, **kw),
+        "choose_victims_16": lambda: choose_victims(cands, 40 * 10**9, requester_priority=3),
+    }
+    return {k: 1e6 * min(timeit.repeat(f, number=100, repeat=5)) / 100 for k, f in calls.items()}
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -195,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--vram-gb", type=float, help="memory budget for every trace")
     ap.add_argument("--warmup-days", type=float, default=1.0, help="discarded (max 1/4 of a trace)")
-    ap.add_argument("--min-s", type=float, default=0.0, help="[keep_alive] min (default 0)")
+    ap.add_argument("--min-s", type=float, default=60.0, help="[keep_alive] min (1 min)")
     ap.add_argument("--max-s", type=float, default=4 * 3600.0, help="[keep_alive] max (4 h)")
     ap.add_argument("--default-s", type=float, default=600.0, help="[keep_alive] default (10 min)")
     ap.add_argument("--trace", type=Path, help="CSV trace (t,model[,duration_s]) instead")
@@ -234,12 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     elapsed = time.perf_counter() - started
     lat = latency_summary(all_results)
+    micro = policy_latency_us()
     print(
-        f"{len(runs)} traces in {elapsed:.1f} s; adaptive decision mean "
-        f"{lat['decision_mean_us']:.0f} us, p99 {lat['decision_p99_us']:.0f} us, max "
-        f"{lat['decision_max_us']:.0f} us over {lat['decisions']} decisions; victim choice "
-        f"mean {lat['victim_mean_us']:.0f} us over {lat['victim_choices']}"
+        f"{len(runs)} traces in {elapsed:.1f} s. In the replay: {lat['decisions']} keep-alive "
+        f"decisions, mean {lat['decision_mean_us']:.0f} us, p99 {lat['decision_p99_us']:.0f} us; "
+        f"{lat['victim_choices']} victim choices, mean {lat['victim_mean_us']:.0f} us.\n"
+        f"Worst case (all bins filled, best of 5): decide_keep_alive "
+        f"{micro['decide_keep_alive']:.0f} us, with prewarm "
+        f"{micro['decide_keep_alive_prewarm']:.0f} us; choose_victims over 16 models "
+        f"{micro['choose_victims_16']:.0f} us."
     )
+    lat.update({f"{k}_worst_us": v for k, v in micro.items()})
     if args.json is not None:
         out = {
             "params": {

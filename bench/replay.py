@@ -569,7 +569,8 @@ class Simulator:
             if st.loaded and not st.loading and st.in_flight == 0:
                 self._unload(m, t)
         elif kind == _PREWARM:
-            if not st.loaded and not st.loading and st.in_flight == 0 and self._fits(st):
+            idle_unloaded = not (st.loaded or st.loading or st.in_flight)
+            if idle_unloaded and self._fits(st):  # pre-warm only into free memory
                 self._start_load(m, t, prewarm=True)
 
 

@@ -124,7 +124,7 @@ class _Builder:
             t += self.rng.expovariate(1 / mean_gap)
 
     def session(self, ms: Sequence[int], t: float, mean_requests: float) -> float:
-        """One human session on models ms: gaps of 10 s plus gamma(mean 30 s, CV 1.5); returns its end."""
+        """One human session on models ms, gaps 10 s + gamma(mean 30 s, CV 1.5); returns its end."""
         n = 1 + int(self.rng.expovariate(1 / max(mean_requests - 1, 0.01)))
         for _ in range(n):
             for i, m in enumerate(ms):
@@ -417,11 +417,15 @@ def load_trace(path: Path, models: Sequence[ModelSpec], vram_gb: float | None) -
                 if not row or all(not c.strip() for c in row):
                     continue
                 if len(row) != len(header):
-                    raise TraceError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
+                    raise TraceError(
+                        f"{path}:{line}: expected {len(header)} fields, got {len(row)}"
+                    )
                 try:
                     t = float(row[0])
                 except ValueError:
-                    raise TraceError(f"{path}:{line}: t: expected seconds, got {row[0]!r}") from None
+                    raise TraceError(
+                        f"{path}:{line}: t: expected seconds, got {row[0]!r}"
+                    ) from None
                 if not math.isfinite(t) or t < 0:
                     raise TraceError(f"{path}:{line}: t: expected seconds >= 0, got {row[0]!r}")
                 name = row[1].strip()

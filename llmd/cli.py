@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from llmd import __version__
+from llmd import __version__, planner
 from llmd.client import AdminClient, DaemonError, Unreachable
 
 EXIT_OK, EXIT_DAEMON, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -179,6 +179,38 @@ async def _events(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     return doc, render_events(doc["events"]) if doc["events"] else "no events"
 
 
+class UsageError(Exception):
+    """Bad arguments found after parsing (exit 2)."""
+
+
+async def _plan(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    """Offline from --model, or from the running daemon's models and GPUs."""
+    models: list[planner.PlanModel] = list(a.models)
+    vram, ram = a.vram_gb, a.ram_gb
+    if not models:
+        status = await c.status()
+        for m in status["models"]:
+            if not m.get("footprint_bytes"):
+                continue
+            models.append(planner.PlanModel(
+                m["name"], m.get("quant") or "?", m["footprint_bytes"] / planner.GB,
+                m["priority"], measured=True,
+            ))
+        if vram is None:
+            devices = (status.get("gpu") or {}).get("devices") or []
+            vram = sum(d["total_bytes"] for d in devices) / planner.GB if devices else None
+        if not models:
+            raise UsageError("the daemon knows no model sizes yet: give --model arguments")
+    if ram is None:
+        import psutil
+
+        ram = psutil.virtual_memory().total / planner.GB
+    if vram is None:
+        raise UsageError("--vram-gb is required (no GPU seen by the daemon)")
+    plan = planner.plan(models, vram, ram)
+    return plan.to_json(), planner.render(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmctl", description="Control a running llmd.")
     ap.add_argument(
@@ -212,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         "backend", help="backend name"
     )
     cmd("reload", _reload, "re-read the config file (like systemctl reload llmd)")
+    p = cmd(
+        "plan", _plan,
+        "which models fit in VRAM and which spill to RAM (offline with --model, else from the "
+        "running daemon's models and GPUs)",
+    )
+    planner.add_arguments(p, json_flag=False)
     p = cmd("events", _events, "recent loads, unloads, evictions, crashes and reloads")
     p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
     p.add_argument("--model", help="only this model's events")
@@ -234,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonError as e:
         print(f"llmctl: {e.message}", file=sys.stderr)
         return EXIT_DAEMON
+    except UsageError as e:
+        print(f"llmctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     print(json.dumps(doc, indent=2) if args.json else text)

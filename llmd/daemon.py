@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import faulthandler
 import logging
 import os
 import signal
@@ -19,11 +20,11 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from llmd import __version__, config, gpu
+from llmd import __version__, config, gpu, planner
 from llmd.admin import API_VERSION, Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
-from llmd.lifecycle import Lifecycle, MState, Model, fixed_keep_alive
+from llmd.lifecycle import Lifecycle, Model, MState, fixed_keep_alive
 from llmd.memory import Memory
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
@@ -33,6 +34,7 @@ from llmd.store import Store
 log = logging.getLogger("llmd")
 
 STATUS_EVERY_S = 5.0
+EX_CONFIG = 78
 
 
 class StartupError(Exception):
@@ -314,6 +316,23 @@ class Daemon:
             "store": self.store.status(),
         }
 
+    def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
+        """A model's known GPU footprint for `llmctl plan`: measured, else the size table."""
+        tag = next((t for t in self.backends.tags(backend or "") if t.get("name") == name), {})
+        details = tag.get("details") or {}
+        quant = details.get("quantization_level")
+        facts = self.store.model_facts(name)
+        if m is not None and m.size:
+            return {"footprint_bytes": m.size, "footprint_basis": "measured", "quant": quant}
+        if facts is not None and (facts.size or facts.size_vram):
+            size = facts.size or facts.size_vram
+            return {"footprint_bytes": size, "footprint_basis": "measured", "quant": quant}
+        table = None
+        if details.get("parameter_size") and quant:
+            table = planner.table_footprint(details["parameter_size"], quant)
+        basis = "table" if table else None
+        return {"footprint_bytes": table, "footprint_basis": basis, "quant": quant}
+
     def _gpu_doc(self) -> dict[str, Any] | None:
         snap = self.memory.snapshot
         if snap is None:
@@ -368,6 +387,7 @@ class Daemon:
                     "size_vram": m.size_vram if m else 0,
                     "loads": m.loads if m else 0,
                     "last_load_s": m.last_load_s if m else None,
+                    **self._footprint(name, m, backend),
                 }
             )
         return out
@@ -447,8 +467,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config)
     except ConfigError as e:
         print(f"llmd: {e}", file=sys.stderr)
-        return 1
+        # EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps systemd from retrying a
+        # config that cannot start, and `systemctl status llmd` shows why.
+        return EX_CONFIG
     _setup_logging(cfg.daemon.log_level)
+    # A hung daemon killed by the systemd watchdog (SIGABRT) leaves its stacks in the journal.
+    faulthandler.enable()
     try:
         asyncio.run(Daemon(cfg).run())
     except StartupError as e:

@@ -28,6 +28,7 @@ GiB = 1024**3
 # server/sched.go waitForVRAMRecovery).
 RECOVERY_WAIT_S = 5.0
 RECHECK_S = 1.0
+OLLAMA_PREFLIGHT = 0.8
 # The context Ollama gives a model when nothing says otherwise, by the GPU memory it sees
 # (envconfig, v0.15.5+): below 23 GiB 4096, below 47 GiB 32768, else 262144.
 CONTEXT_TIERS = ((23 * GiB, 4096), (47 * GiB, 32768))
@@ -159,13 +160,25 @@ class Memory:
 
     # -- admission --------------------------------------------------------------------------------
 
-    def _room(self, devices: Iterable[gpu.Device]) -> int:
-        """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve."""
+    def _room(self, devices: Iterable[gpu.Device], child: Child | None = None) -> int:
+        """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve.
+
+        With another model already loaded in the same child, Ollama itself evicts unless the
+        newcomer needs at most 80% of the free memory (server/sched.go pre-flight check), so
+        llmd keeps within that too and Ollama never evicts on its own.
+        """
         g = self.cfg.gpu
-        return sum(
+        devices = list(devices)
+        room = sum(
             max(0, int(d.total_bytes * g.high_watermark) - g.reserve - d.used_bytes)
             for d in devices
         )
+        if child is not None and any(
+            m.backend == child.name and m.state is MState.LOADED
+            for m in self.lifecycle.models.values()
+        ):
+            room = min(room, int(OLLAMA_PREFLIGHT * sum(d.free_bytes for d in devices)))
+        return room
 
     def _candidates(self, devices: list[gpu.Device], exclude: str) -> list[policy.Candidate]:
         """Loaded models that share any of these GPUs."""
@@ -216,15 +229,23 @@ class Memory:
             return fp
         priority = mc.priority if mc else 5
         preempt = bool(mc and mc.preempt)
-        deadline = self._clock() + self.cfg.gpu.admission_timeout
+        started = self._clock()
+        deadline = started + self.cfg.gpu.admission_timeout
         while True:
-            room = self._room(devices)
+            room = self._room(devices, child)
             if fp.bytes <= room:
                 return fp
             cands = self._candidates(devices, m.name)
             victims = policy.choose_victims(
                 cands, fp.bytes - room, requester_priority=priority, preempt=preempt
             )
+            if victims is None:
+                # Only more important idle models could make room. Waiting costs this request;
+                # evicting costs their likely next request: wait until the two are equal
+                # (ski rental), then evict them, unless admission_timeout comes first.
+                wait = policy.admission_wait_s(cands, fp.bytes - room, requester_priority=priority)
+                if wait is not None and self._clock() - started >= wait:
+                    victims = policy.choose_victims(cands, fp.bytes - room)
             if victims:
                 why = (
                     f"to make room for {m.name} (needs {_gib(fp.bytes)}, {fp.basis}; "

@@ -155,15 +155,22 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
-MIN_SAMPLES = int(__import__("os").environ.get("MINS", "3"))
-"""Fewer gaps than this and the histogram is not used (fallback to T*)."""
+MIN_SAMPLES = 3
+"""Fewer gaps than this and the histogram is not used (fallback to T*). Learning is
+self-correcting either way (a wrong short timeout adds the short gaps it misses to the
+histogram, a wrong long one the long gaps), so little evidence is needed."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
-MARGIN = float(__import__("os").environ.get("MARGIN", "0.10"))
-KMARGIN = float(__import__("os").environ.get("KMARGIN", "0.0"))
-"""Shahrad et al.'s margin: +10% on the keep-alive tail, -10% on the pre-warm head."""
-PREWARM_GAIN = float(__import__("os").environ.get("PG", "0.05"))
-"""A pre-warm window must beat the best plain keep-alive by 5% of cost to be worth the churn."""
+MARGIN = 0.10
+"""Shahrad et al.'s -10% margin on the pre-warm head. The keep-alive needs none of its own: it
+ends at the upper edge of a bin, so it already covers every gap recorded in that bin."""
+PREWARM_GAIN = 0.10
+"""A pre-warm window must beat the best plain keep-alive by 10% of expected cost: it risks a
+reload that finds no free memory and it is fitted to the head of the distribution, which moves
+more than its tail."""
+PREWARM_MIN_UNLOADED_S = 300.0
+"""A pre-warm window unloads the model for at least 5 minutes: shorter gaps are cheaper to
+bridge by keeping it than by churning the disk and the GPU with a reload."""
 OOB_UNREPRESENTATIVE = 0.5
 """With T* beyond the histogram's range, this share of OOB gaps makes the history unusable."""
 
@@ -244,11 +251,11 @@ def decide_keep_alive(
     buy = priority_weight(priority) * load_s  # latency-seconds per cold start
     counts = hist.counts
 
-    # Candidate timeouts: T_0 = 0 and, for k >= 1, the upper edge of bin k-1 plus the margin,
-    # (never above T* unless the edge itself is); timeout T_k serves bins < k warm. keep[k] is
-    # the total cost over the history: covered gaps cost rent*g (g at the bin's middle), the
-    # others rent*T_k + buy. cum_n[k], cum_g[k]: count and gap sum of bins < k.
-    times = [0.0]
+    # Candidate timeouts: EDGES[k], which serves bins < k warm (EDGES[0] = 0: unload at once).
+    # keep[k] is the total cost of timeout EDGES[k] over the history: a covered gap costs
+    # rent * g (g at its bin's middle), any other rent * EDGES[k] + buy. cum_n[k], cum_g[k]:
+    # count and gap sum of bins < k. The best k minimises keep[k] among edges within the cap,
+    # the smallest on ties (no evidence beyond a bin, no reason to keep longer).
     keep = [buy * n]
     cum_n = [0]
     cum_g = [0.0]
@@ -260,37 +267,33 @@ def decide_keep_alive(
         cg += c * _REPS[k - 1]
         cum_n.append(cn)
         cum_g.append(cg)
-        edge = EDGES[k]
-        t = min(edge * (1 + KMARGIN), max(edge, cap))
-        times.append(t)
         rest = n - cn
-        keep.append(rent * (cg + rest * t) + buy * rest)
+        keep.append(rent * (cg + rest * EDGES[k]) + buy * rest)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = 0
-    for k in range(1, max(kmax, 0) + 1):
-        if keep[k] < keep[best_k] - 1e-9 * (1 + abs(keep[best_k])):
+    for k in range(1, kmax + 1):
+        if keep[k] < keep[best_k] * (1 - 1e-12):
             best_k = k
-    keep_s = _clamp(times[best_k], min_s, max_s)
-    plain = KeepAliveDecision(keep_s, "adaptive", n, 100.0 * cum_n[best_k] / n)
+    plain = KeepAliveDecision(
+        _clamp(EDGES[best_k], min_s, max_s), "adaptive", n, 100.0 * cum_n[best_k] / n
+    )
     if not prewarm or n < PREWARM_MIN_SAMPLES:
         return plain
 
-    window = _best_prewarm(counts, n, times, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
+    window = _best_prewarm(counts, n, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
     if window is None:
         return plain
-    cost, k1, j, k2 = window
-    unload_s = _clamp(times[k1], min_s, max_s)
+    cost, served, k1, j, k2 = window
+    unload_s = _clamp(EDGES[k1], min_s, max_s)
     start = EDGES[j] * (1 - MARGIN) - load_s
     if cost >= (1 - PREWARM_GAIN) * keep[best_k] or unload_s >= start:
         return plain
-    served = cum_n[k1] + cum_n[k2] - cum_n[j]
-    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, times[k2])
+    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, EDGES[k2])
 
 
 def _best_prewarm(
     counts: list[int],
     n: int,
-    times: list[float],
     keep: list[float],
     cum_n: list[int],
     cum_g: list[float],
@@ -299,17 +302,18 @@ def _best_prewarm(
     load_s: float,
     rent: float,
     buy: float,
-) -> tuple[float, int, int, int] | None:
-    """The cheapest pre-warm window over the history as (cost, k1, j, k2), or None.
+) -> tuple[float, float, int, int, int] | None:
+    """The cheapest pre-warm window over the history as (cost, served, k1, j, k2), or None.
 
-    The window: keep for times[k1] after going idle, then unload; start reloading at
-    P = EDGES[j]*(1-MARGIN) - load_s so bins >= j find it warm; unload again at times[k2] (k2 > j,
-    at most `cap` after the reload finished). Over the history its cost separates into
+    The window: keep for EDGES[k1] after going idle, then unload; start reloading at
+    P = EDGES[j]*(1-MARGIN) - load_s so bins >= j find it warm; unload again at EDGES[k2]
+    (k2 > j, at most `cap` after the reload finished). Over the history its cost separates into
     keep[k1] + keep[k2] + terms of j alone (derivation in bench/README.md), so the best k1 is a
     running prefix minimum and the best k2 a sliding-window minimum: linear time in bins.
+    `served` is how many recorded gaps the window serves warm.
     """
     w = buy / load_s if load_s > 0 else 0.0
-    best: tuple[float, int, int, int] | None = None
+    best: tuple[float, float, int, int, int] | None = None
     k1 = 0  # argmin of keep[0..k1_hi]
     k1_hi = 0
     window: deque[int] = deque()  # k2 candidates, keep[] increasing
@@ -317,15 +321,15 @@ def _best_prewarm(
     for j in range(1, NBINS):
         ready = EDGES[j] * (1 - MARGIN)
         start = ready - load_s
-        if start <= 0:
+        if start < PREWARM_MIN_UNLOADED_S:
             continue
-        # k1: timeouts before the reload starts (and within T*).
-        while k1_hi + 1 <= kmax and times[k1_hi + 1] < start:
+        # k1: timeouts that leave the model unloaded long enough before the reload.
+        while k1_hi + 1 <= kmax and EDGES[k1_hi + 1] <= start - PREWARM_MIN_UNLOADED_S:
             k1_hi += 1
             if keep[k1_hi] < keep[k1]:
                 k1 = k1_hi
         # k2: expiries after bin j, at most `cap` after the model is ready again.
-        while k2_hi + 1 <= NBINS and times[k2_hi + 1] - ready <= cap:
+        while k2_hi + 1 <= NBINS and EDGES[k2_hi + 1] - ready <= cap:
             k2_hi += 1
             if k2_hi > j:
                 while window and keep[window[-1]] >= keep[k2_hi]:
@@ -336,22 +340,42 @@ def _best_prewarm(
         if not window:
             continue
         k2 = window[0]
-        # Gaps in bins below j that end after the reload started wait only for its remainder;
-        # the cost so far counted them as full cold starts.
+        # Bins below j that reach past the reload's start: their gaps (taken as uniform over
+        # the bin) wait only for what is left of the load, or find the model ready; the terms
+        # above counted them as full cold starts.
         partial = 0.0
+        served = 0.0
         b = j - 1
-        while b >= 0 and _REPS[b] > start:
-            g = _REPS[b]
-            c = counts[b]
-            if c:
-                warm_cost = rent * (g - start) + (w * (ready - g) if g < ready else 0.0)
-                partial += c * (warm_cost - buy)
+        while b >= 0 and EDGES[b + 1] > start:
+            if counts[b]:
+                cost_b, warm_b = _window_gap(EDGES[b], EDGES[b + 1], start, ready, rent, w, buy)
+                partial += counts[b] * (cost_b - buy)
+                served += counts[b] * warm_b
             b -= 1
         later = n - cum_n[j]
         cost = keep[k1] + keep[k2] + partial - buy * later - rent * cum_g[j] - rent * start * later
         if best is None or cost < best[0]:
-            best = (cost, k1, j, k2)
+            best = (cost, served + cum_n[k1] + cum_n[k2] - cum_n[j], k1, j, k2)
     return best
+
+
+def _window_gap(
+    lo: float, hi: float, start: float, ready: float, rent: float, w: float, buy: float
+) -> tuple[float, float]:
+    """Expected cost of a gap uniform on [lo, hi) under a reload over [start, ready), and the
+    probability that it finds the model ready."""
+    width = hi - lo
+    a = min(max(start, lo), hi)  # [lo, a): cold; [a, b): waits for the load; [b, hi): warm
+    b = min(max(ready, lo), hi)
+    p_wait = (b - a) / width
+    p_warm = (hi - b) / width
+    g_wait = (a + b) / 2
+    cost = (
+        (a - lo) / width * buy
+        + p_wait * (rent * (g_wait - start) + w * (ready - g_wait))
+        + p_warm * rent * ((b + hi) / 2 - start)
+    )
+    return cost, p_warm
 
 
 # -- eviction ----------------------------------------------------------------------------------
@@ -471,6 +495,4 @@ def admission_wait_s(
         return None
     by_name = {c.name: c for c in candidates}
     cost = sum(eviction_cost_s(by_name[n]) for n in names)
-    return (
-        float(__import__("os").environ.get("AWS", "1")) * cost / priority_weight(requester_priority)
-    )
+    return cost / priority_weight(requester_priority)

@@ -89,7 +89,7 @@ def test_never_ready_and_slow_start(tmp_path: Path, http: httpx.Client) -> None:
     port = _free_port()
     proc, log = spawn_sim(tmp_path, {"OLLAMA_SIM_FAULTS": "never_ready=1"}, port=port)
     try:
-        time.sleep(0.8)
+        time.sleep(0.5)
         assert proc.poll() is None and "Listening on" not in log.read_text()
         with pytest.raises(httpx.ConnectError):
             http.get(f"http://127.0.0.1:{port}/")
@@ -97,8 +97,8 @@ def test_never_ready_and_slow_start(tmp_path: Path, http: httpx.Client) -> None:
         proc.terminate()
         proc.wait(5)
     t0 = time.monotonic()
-    with start_sim(tmp_path, {"OLLAMA_SIM_FAULTS": "slow_start=0.6"}) as sim:
-        assert time.monotonic() - t0 >= 0.6
+    with start_sim(tmp_path, {"OLLAMA_SIM_FAULTS": "slow_start=0.4"}) as sim:
+        assert time.monotonic() - t0 >= 0.4
         assert http.get(sim.url + "/").status_code == 200
 
 
@@ -193,7 +193,8 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_and_all_interfaces_listener(tmp_path: Path, http: httpx.Client) -> None:
     """`ollama --version` reports the server's version (or warns); other commands are refused.
-    OLLAMA_HOST=:PORT listens on every interface, where the Host check does not apply."""
+    OLLAMA_HOST=:PORT listens on every interface, where the Host check does not apply. With
+    nothing installed, lists are empty (and /v1/models has data null)."""
     alone = _cli("--version", OLLAMA_HOST=f"127.0.0.1:{_free_port()}")
     assert alone.returncode == 0
     assert alone.stdout.splitlines() == [
@@ -202,8 +203,11 @@ def test_cli_and_all_interfaces_listener(tmp_path: Path, http: httpx.Client) -> 
     ]
     run = _cli("run", "tiny:1m")
     assert run.returncode == 1 and "not supported by the simulator" in run.stderr
-    with start_sim(tmp_path, host="") as sim:
+    cat = write_catalog(tmp_path / "c.toml", [catalog_model("a:1", pulled=False)])
+    with start_sim(tmp_path, {"OLLAMA_SIM_CATALOG": str(cat)}, host="") as sim:
         assert "Listening on [::]:" in sim.log()
+        assert http.get(sim.url + "/api/tags").json() == {"models": []}
+        assert http.get(sim.url + "/v1/models").json() == {"object": "list", "data": None}
         up = _cli("-v", OLLAMA_HOST=f"http://127.0.0.1:{sim.port}")
         assert up.stdout.strip() == "ollama version is 0.33.0-rc2"
         r = http.get(sim.url + "/api/version", headers={"Host": "evil.example.com"})

@@ -128,7 +128,8 @@ def test_cuda_visible_devices_and_sigterm(
     with start_sim(tmp_path, {**env, "CUDA_VISIBLE_DEVICES": ""}) as sim:
         c = client_for(sim, clients)
         c.generate(model="a:1", prompt="")
-        assert c.ps().models[0].size_vram == 0
+        c.generate(model="b:1", prompt="")
+        assert [m.size_vram for m in c.ps().models] == [0, 0]  # both stay, on the CPU
         assert smi_used(env) == {0: 0, 1: 0}
 
 

@@ -76,7 +76,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     # The steps of an incremental class build on each other: after one fails, skip the rest
     # rather than bury the first failure under its consequences.
     failed = call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception)
-    if failed and getattr(item.cls, "incremental", False):
+    independent = item.name in getattr(item.cls, "independent", ())
+    if failed and getattr(item.cls, "incremental", False) and not independent:
         item.parent._failed_step = item.name  # type: ignore[union-attr]
 
 

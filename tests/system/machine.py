@@ -239,11 +239,10 @@ class Machine:
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container, as root or as `user`, with a clean environment."""
-        env = list(ENV)
+        env = [*ENV, "HOME=/root"]
         if user is not None:
-            env = ["runuser", "-u", user, "--", *env, f"HOME=/home/{user}", f"USER={user}"]
-        else:
-            env += ["HOME=/root"]
+            # runuser sets HOME, SHELL, USER and LOGNAME from the user's passwd entry.
+            env = [*ENV, "runuser", "-u", user, "--"]
         cmd = ["nsenter", "-t", str(self.leader), "-a", "--", *env, *argv]
         r = subprocess.run(
             cmd,
@@ -259,9 +258,6 @@ class Machine:
                 f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
             )
         return r
-
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run("sh", "-ec", script, **kwargs)  # type: ignore[arg-type]
 
     def write(self, path: str, text: str, mode: int = 0o644, owner: str = "root:root") -> None:
         """Write a file inside the (running) container."""

@@ -67,6 +67,7 @@ def serve() -> int:
         catalog = load_catalog(settings.catalog_path)
         gpu = GpuState(settings.gpu_file)
         gpu.snapshot()
+        gpu.check_writable()
         store = Store(settings.models_dir, catalog)
         store.materialize_presets()
     except (ConfigError, GpuFileError) as e:
@@ -88,7 +89,7 @@ def serve() -> int:
     from . import server
 
     server.log_config(settings)
-    return server.serve(settings, catalog, gpu, store)
+    return server.serve(settings, gpu, store)
 
 
 def main(argv: list[str]) -> int:

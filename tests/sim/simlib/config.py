@@ -156,11 +156,6 @@ class Settings:
     speed: float
     faults: Faults
 
-    @property
-    def bind_host(self) -> str:
-        """Address to bind; "" means every interface."""
-        return self.host
-
 
 def default_catalog() -> Path:
     """tests/sim/catalog.toml, next to the executable."""

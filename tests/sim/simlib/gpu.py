@@ -160,7 +160,19 @@ class GpuState:
     def _locked(self, exclusive: bool) -> Iterator[None]:
         assert self.path is not None
         lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            if exclusive:
+                raise GpuFileError(
+                    f"{lock}: permission denied (every simulator needs write access to the "
+                    "GPU state file's directory)"
+                ) from None
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                yield  # a reader without the lock still sees whole files (atomic replace)
+                return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -205,6 +217,14 @@ class GpuState:
             tmp = self.path.with_name(f".{self.path.name}.tmp.{self.pid}")
             tmp.write_text(json.dumps(raw, indent=1), encoding="utf-8")
             tmp.replace(self.path)
+
+    def check_writable(self) -> None:
+        """Fail early when this process could not record allocations."""
+        if self.path is not None and not os.access(self.path.parent, os.W_OK):
+            raise GpuFileError(
+                f"{self.path.parent}: not writable (the simulator writes the GPU state file "
+                "atomically and keeps a lock file next to it)"
+            )
 
     def release_all(self) -> None:
         """Drop every allocation of this process (clean exit)."""

@@ -93,17 +93,29 @@ class StreamAborted(Exception):
     """The fail_stream fault ended a stream early."""
 
 
+async def wait_for_disconnect(request: web.Request) -> None:
+    """Block until the client goes away, then cancel the handler like a cancelled Go context.
+
+    aiohttp 3.8 does not cancel handlers on disconnect, so this polls the transport."""
+    while True:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise asyncio.CancelledError
+        await asyncio.sleep(0.05)
+
+
 class ChunkGate:
     """Counts the chunks of one response and applies the stall_stream / fail_stream faults."""
 
-    def __init__(self, faults: Faults) -> None:
+    def __init__(self, request: web.Request, faults: Faults) -> None:
+        self.request = request
         self.faults = faults
         self.sent = 0
 
     async def before_chunk(self) -> None:
-        """Wait forever (stall) or raise StreamAborted (fail) once N chunks went out."""
+        """Stall until the client leaves, or raise StreamAborted (fail), once N chunks went out."""
         if self.faults.stall_stream >= 0 and self.sent >= self.faults.stall_stream:
-            await asyncio.Event().wait()
+            await wait_for_disconnect(self.request)
         if self.faults.fail_stream >= 0 and self.sent >= self.faults.fail_stream:
             raise StreamAborted
         self.sent += 1
@@ -116,7 +128,7 @@ class NdjsonStream:
         self.request = request
         self.resp = web.StreamResponse(status=200)
         self.resp.content_type = "application/x-ndjson"
-        self.gate = ChunkGate(faults) if faults is not None else None
+        self.gate = ChunkGate(request, faults) if faults is not None else None
 
     async def start(self) -> None:
         """Send the headers."""
@@ -145,7 +157,7 @@ class SseStream:
         self.request = request
         self.resp = web.StreamResponse(status=200)
         self.resp.content_type = "text/event-stream"
-        self.gate = ChunkGate(faults)
+        self.gate = ChunkGate(request, faults)
 
     async def start(self) -> None:
         """Send the headers."""

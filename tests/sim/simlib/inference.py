@@ -10,7 +10,7 @@ from typing import Any
 from .config import Settings
 from .httputil import ApiError
 from .sched import Runner, SchedError, Scheduler
-from .store import Installed, Name, Store, parse_name
+from .store import Installed, Name, Store
 
 # Prompt processing runs this many times faster than generation.
 PROMPT_SPEEDUP = 20.0
@@ -83,10 +83,6 @@ class Engine:
         self.settings = settings
         self.store = store
         self.sched = sched
-
-    def parse(self, model: str) -> Name | None:
-        """A normalised name, or None if invalid."""
-        return parse_name(model)
 
     def installed(self, name: Name | None) -> Installed | None:
         """The installed model, if any."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import logs
 from .config import Settings
-from .durations import FOREVER_S, epoch_to_go_time, format_duration
+from .durations import FOREVER_S, epoch_to_go_time
 from .gpu import Allocation, Device, GpuState, free_bytes, select_visible, to_mib
 from .memory import (
     PREFLIGHT_FRACTION,
@@ -275,7 +275,8 @@ class Scheduler:
                     await self._load(p, est)
                     return
                 free = self.visible_free()
-                need = predicted_vram(est, p.opts.num_gpu)
+                # CPU only (no visible GPU): system memory is assumed to be plentiful.
+                need = predicted_vram(est, p.opts.num_gpu) if free else 0
                 if need <= PREFLIGHT_FRACTION * sum(free.values()):
                     await self._load(p, est)
                     return
@@ -432,12 +433,6 @@ class Scheduler:
             )
         rows.sort(key=lambda row: int(row[0]), reverse=True)
         return [row for _, row in rows]
-
-    def describe(self) -> str:
-        """One line for logs: what is loaded and for how long."""
-        return ", ".join(
-            f"{r.name}({format_duration(r.session_s)},ref={r.ref})" for r in self.loaded.values()
-        )
 
     def shutdown(self) -> None:
         """Forget every runner and free this process's GPU memory."""

@@ -18,7 +18,6 @@ from aiohttp import web, web_server
 from . import VERSION, logs
 from .api_native import NativeApi
 from .api_openai import OpenAiApi, openai_error
-from .catalog import ModelSpec
 from .config import Settings
 from .durations import format_duration
 from .gpu import MIB, GpuState, free_bytes
@@ -160,8 +159,11 @@ class Front:
             resp = web.Response(
                 status=405, text="405 method not allowed", content_type="text/plain"
             )
-        peer = request.remote or "-"
-        logs.gin(resp.status, time.monotonic() - started, peer, request.method, request.path)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client went away (Go: a cancelled request context). Quietly stop.
+            self._log(request, 499, started)
+            raise asyncio.CancelledError from None
+        self._log(request, resp.status, started)
         if n:
             self.answered += 1
             limit = self.faults.exit_after_requests
@@ -169,6 +171,10 @@ class Front:
                 self.exiting = True
                 await self._answer_then_exit(request, resp)
         return resp
+
+    def _log(self, request: web.Request, status: int, started: float) -> None:
+        peer = request.remote or "-"
+        logs.gin(status, time.monotonic() - started, peer, request.method, request.path)
 
     async def _answer_then_exit(self, request: web.Request, resp: web.StreamResponse) -> None:
         if not resp.prepared:
@@ -310,7 +316,7 @@ async def _serve(settings: Settings, engine: Engine) -> int:
     os._exit(0)
 
 
-def serve(settings: Settings, catalog: list[ModelSpec], gpu: GpuState, store: Store) -> int:
+def serve(settings: Settings, gpu: GpuState, store: Store) -> int:
     """Run `ollama serve` until SIGTERM/SIGINT; returns an exit code on startup failure."""
     logs.info("images.go:1", f"total blobs: {len(store.list())}")
     engine = Engine(settings, store, Scheduler(settings, gpu))

@@ -110,7 +110,7 @@ def _table(
     cols: list[tuple[str, str | None]] = []
     for f in names:
         if f not in specs:
-            raise UsageError(f'Field "{f}" is not a valid field to query.')
+            raise UsageError(f'Field "{f}" is not a valid field to query.\n')
         h, unit, _ = specs[f]
         cols.append((h, unit))
     return cols

@@ -30,9 +30,14 @@ def default_length(model: str, prompt: str) -> int:
 
 
 def reply_tokens(model: str, prompt: str, num_predict: int | None) -> tuple[list[str], str]:
-    """The reply's tokens and done_reason ("stop", or "length" when num_predict cut it)."""
+    """The reply's tokens and done_reason ("stop", or "length" when num_predict set it).
+
+    Without num_predict a reply ends by itself after 8-24 tokens. With num_predict the simulated
+    model never stops early: it writes exactly num_predict tokens, so tests and benchmarks can
+    ask for a stream of a known length (a real model may stop sooner, at its end-of-sequence).
+    """
     natural = default_length(model, prompt)
-    if num_predict is not None and num_predict >= 0 and num_predict < natural:
+    if num_predict is not None and num_predict >= 0:
         n, reason = num_predict, "length"
     else:
         n, reason = natural, "stop"
