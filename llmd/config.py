@@ -145,7 +145,7 @@ class KeepAliveConfig:
     default: float = 600.0
     min: float = 60.0
     max: float = 4 * 3600.0
-    beta: float = 0.01
+    beta: float = 0.001
     prewarm: bool = False
 
 

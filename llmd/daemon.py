@@ -24,7 +24,7 @@ from llmd import __version__, config, gpu, planner
 from llmd.admin import API_VERSION, Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
-from llmd.lifecycle import Lifecycle, Model, MState, fixed_keep_alive
+from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
 from llmd.memory import Memory
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
@@ -97,7 +97,7 @@ class Daemon:
                 self.backends,
                 session=session,
                 events=self.store,
-                keep_alive=fixed_keep_alive(self.cfg, self.store.pins),
+                keep_alive=policy_keep_alive(self.cfg, self.store),
             )
             self.proxy = Proxy(
                 self.cfg,
@@ -265,7 +265,7 @@ class Daemon:
             self.cfg = new
             self.lifecycle.cfg = new
             self.proxy.cfg = new
-            self.lifecycle.set_keep_alive_fn(fixed_keep_alive(new, self.store.pins))
+            self.lifecycle.set_keep_alive_fn(policy_keep_alive(new, self.store))
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             self.store.record_event("reload", reason="; ".join(notes) or "no backend changes")
             log.info("reloaded %s: %s", new.path, "; ".join(notes) or "no backend changes")
@@ -283,7 +283,7 @@ class Daemon:
         """Pin or unpin a model at run time; the pin persists across restarts."""
         await self.store.set_pin(name, pinned)
         self.store.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
-        self.lifecycle.set_keep_alive_fn(fixed_keep_alive(self.cfg, self.store.pins))
+        self.lifecycle.set_keep_alive_fn(policy_keep_alive(self.cfg, self.store))
         return {"model": name, "pinned": pinned}
 
     def status_doc(self) -> dict[str, Any]:

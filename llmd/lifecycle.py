@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
+from llmd import policy
 from llmd.backends import Backends
-from llmd.config import Config, normalize_model
+from llmd.config import Config, ModelConfig, normalize_model
 from llmd.process import Child
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmd.lifecycle")
 
 LOAD_TIMEOUT_S = 600.0
+DEFAULT_PRIORITY = ModelConfig.priority
 UNLOAD_CONFIRM_S = 15.0
 RECONCILE_INTERVAL_S = 5.0
 # Runner options that make Ollama reload a model (api/types.go api.Runner): a shared load
@@ -65,6 +67,8 @@ class KeepAlive:
     source: str  # pinned | fixed | default | adaptive | fallback
     samples: int = 0
     percentile: float | None = None
+    prewarm_after_s: float | None = None  # reload this long after going idle...
+    prewarm_expire_s: float | None = None  # ...and unload again this long after, if unused
 
 
 KeepAliveFn = Callable[["Model"], KeepAlive]
@@ -92,6 +96,9 @@ class Model:
     holders: set[asyncio.Task[Any]] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     keep_alive: KeepAlive | None = None
+    prewarm_at: float | None = None  # monotonic time to reload an idle, unloaded model
+    prewarm_expire_at: float | None = None
+    prewarmed: bool = False  # loaded by pre-warm and not used since
 
 
 @dataclass
@@ -104,16 +111,54 @@ class Lease:
     load_s: float | None
 
 
-def fixed_keep_alive(cfg: Config, pins: Callable[[], set[str]]) -> KeepAliveFn:
-    """Keep-alive from config alone: pinned, the model's fixed value, or the default."""
+class History(Protocol):
+    """What the policy learns from (the store)."""
+
+    def pins(self) -> set[str]: ...
+
+    def idle_histogram(self, model: str, days: int = 14) -> policy.IdleHistogram: ...
+
+    def model_facts(self, model: str) -> Any: ...
+
+
+# Before a model's first measured load: what a 7B-class model costs, roughly.
+GUESS_LOAD_S = 10.0
+GUESS_SIZE_GB = 5.0
+
+
+def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
+    """Keep-alive per model: pinned, a fixed override, or learned from its idle gaps."""
+    k = cfg.keep_alive
 
     def decide(m: Model) -> KeepAlive:
         mc = cfg.model(m.name)
-        if (mc is not None and mc.pin) or m.name in pins():
+        if (mc is not None and mc.pin) or m.name in history.pins():
             return KeepAlive(None, "pinned")
-        if mc is not None and isinstance(mc.keep_alive, float):
-            return KeepAlive(mc.keep_alive, "fixed")
-        return KeepAlive(cfg.keep_alive.default, "default")
+        mode = mc.keep_alive if mc is not None else None
+        if isinstance(mode, float):
+            return KeepAlive(mode, "fixed")
+        if mode is None and k.policy == "fixed":
+            return KeepAlive(k.default, "default")
+        facts = history.model_facts(m.name)
+        load_s = (facts.load_s if facts is not None and facts.load_s else None) or (
+            m.last_load_s or GUESS_LOAD_S
+        )
+        size = (facts.size or facts.size_vram if facts is not None else None) or m.size
+        d = policy.decide_keep_alive(
+            history.idle_histogram(m.name),
+            load_s=load_s,
+            size_gb=size / 1e9 if size else GUESS_SIZE_GB,
+            priority=mc.priority if mc is not None else DEFAULT_PRIORITY,
+            beta=k.beta,
+            min_s=k.min,
+            max_s=k.max,
+            default_s=k.default,
+            prewarm=k.prewarm,
+        )
+        return KeepAlive(
+            d.keep_alive_s, d.source, d.samples, d.percentile, d.prewarm_after_s,
+            d.prewarm_expire_s,
+        )
 
     return decide
 
@@ -182,6 +227,8 @@ class Lifecycle:
         m.in_flight += 1
         m.deadline = None
         m.idle_since = None
+        m.prewarm_at = None
+        m.prewarmed = False
         self._timers_changed.set()
         task = asyncio.current_task()
         if task is not None:
@@ -208,10 +255,15 @@ class Lifecycle:
         """Start (or re-start) an idle model's keep-alive timer."""
         if m.unload_when_idle:
             m.deadline = idle_since
+        elif m.prewarmed:
+            m.deadline = m.prewarm_expire_at  # pre-warmed for a request that has not come
         else:
-            m.keep_alive = self._keep_alive(m)
-            s = m.keep_alive.seconds
-            m.deadline = None if s is None else idle_since + s
+            ka = m.keep_alive = self._keep_alive(m)
+            m.deadline = None if ka.seconds is None else idle_since + ka.seconds
+            m.prewarm_at = m.prewarm_expire_at = None
+            if ka.prewarm_after_s is not None and ka.prewarm_expire_s is not None:
+                m.prewarm_at = idle_since + ka.prewarm_after_s
+                m.prewarm_expire_at = idle_since + ka.prewarm_expire_s
         self._timers_changed.set()
 
     async def _ensure_loaded(
@@ -284,7 +336,8 @@ class Lifecycle:
         from llmd.memory import NoRoom
 
         try:
-            await self.memory.admit(m, child, runner)
+            # A pre-warm only uses free memory: it never evicts or waits.
+            await self.memory.admit(m, child, runner, may_evict=not m.prewarmed)
         except NoRoom as e:
             raise LoadError(503, e.message, e.retry_after_s) from None
 
@@ -425,6 +478,10 @@ class Lifecycle:
                 and m.in_flight == 0
                 and m.state is MState.LOADED
             ]
+            for m in self.models.values():
+                if (m.prewarm_at is not None and m.prewarm_at <= now and m.in_flight == 0
+                        and m.state is MState.UNLOADED):
+                    self._prewarm(m)
             for m in due:
                 if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
                     ka = m.keep_alive
@@ -438,11 +495,24 @@ class Lifecycle:
                         )
                     )
                     await self._unload(m, why)
-            deadlines = [m.deadline for m in self.models.values() if m.deadline is not None]
+            deadlines = [
+                t for m in self.models.values() for t in (m.deadline, m.prewarm_at)
+                if t is not None
+            ]
             wait = None if not deadlines else max(0.0, min(deadlines) - self._clock())
             self._timers_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), wait)
+
+    def _prewarm(self, m: Model) -> None:
+        """Reload a model just before its predicted next request, into free memory only."""
+        m.prewarm_at = None
+        child = self.backends.children.get(m.backend)
+        if child is None or not child.running:
+            return
+        m.prewarmed = True
+        task = self._start_load(m, child, None, reason="pre-warm for its predicted next request")
+        task.add_done_callback(_consume)
 
     async def run_reconcile(self) -> None:
         """Keep model state true to each child's /api/ps, after restarts or outside unloads."""
@@ -526,6 +596,12 @@ class Lifecycle:
                 m.load_task.cancel()
                 with contextlib.suppress(BaseException):
                     await m.load_task
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a background load's outcome so a failure is logged once, not as 'never retrieved'."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("background load failed: %s", task.exception())
 
 
 def _fmt_s(s: float) -> str:

@@ -14,7 +14,7 @@ import aiohttp
 
 from llmd import gpu, policy
 from llmd.config import Config
-from llmd.lifecycle import MState
+from llmd.lifecycle import DEFAULT_PRIORITY, MState
 from llmd.process import Child
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class Memory:
             hist = self.store.idle_histogram(m.name)
             facts = self.store.model_facts(m.name)
             load_s = (facts.load_s if facts and facts.load_s else m.last_load_s) or 10.0
-            priority = mc.priority if mc else 5
+            priority = mc.priority if mc else DEFAULT_PRIORITY
             size_gb = max((m.size_vram or m.size) / 1e9, 0.01)
             out.append(
                 policy.Candidate(
@@ -217,7 +217,9 @@ class Memory:
             )
         return out
 
-    async def admit(self, m: Model, child: Child, options: dict[str, Any]) -> Footprint | None:
+    async def admit(
+        self, m: Model, child: Child, options: dict[str, Any], *, may_evict: bool = True
+    ) -> Footprint | None:
         """Make room for a cold model on its backend's GPUs, or raise NoRoom after waiting."""
         snap = await self.read()
         devices = self.devices_of(child, snap)
@@ -227,7 +229,7 @@ class Memory:
         fp = await self.footprint(m, child, devices, options)
         if mc is not None and mc.allow_cpu_spill:
             return fp
-        priority = mc.priority if mc else 5
+        priority = mc.priority if mc else DEFAULT_PRIORITY
         preempt = bool(mc and mc.preempt)
         started = self._clock()
         deadline = started + self.cfg.gpu.admission_timeout
@@ -235,6 +237,8 @@ class Memory:
             room = self._room(devices, child)
             if fp.bytes <= room:
                 return fp
+            if not may_evict:
+                raise NoRoom(f"{m.name} does not fit in free GPU memory", 1)
             cands = self._candidates(devices, m.name)
             victims = policy.choose_victims(
                 cands, fp.bytes - room, requester_priority=priority, preempt=preempt

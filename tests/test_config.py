@@ -49,8 +49,9 @@ def test_reference_config_documents_every_field() -> None:
             pat = re.compile(rf"^#?\s*{f.name}\s*=")
             hits = [i for i, line in enumerate(lines) if pat.match(line)]
             assert hits, f"{section}.{f.name} is not in {REFERENCE}"
-            above = lines[hits[0] - 1].lstrip("# ").strip()
-            assert above and "=" not in above.split()[0], f"{section}.{f.name} has no help line"
+            above = lines[hits[0] - 1]
+            is_help = above.startswith("#") and not re.match(r"^#\s*[a-z_]+\s*=", above)
+            assert is_help and above.strip("# "), f"{section}.{f.name} has no help line above it"
 
 
 @pytest.mark.parametrize(
