@@ -192,10 +192,15 @@ async def _plan(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
         for m in status["models"]:
             if not m.get("footprint_bytes"):
                 continue
-            models.append(planner.PlanModel(
-                m["name"], m.get("quant") or "?", m["footprint_bytes"] / planner.GB,
-                m["priority"], measured=True,
-            ))
+            models.append(
+                planner.PlanModel(
+                    m["name"],
+                    m.get("quant") or "?",
+                    m["footprint_bytes"] / planner.GB,
+                    m["priority"],
+                    measured=True,
+                )
+            )
         if vram is None:
             devices = (status.get("gpu") or {}).get("devices") or []
             vram = sum(d["total_bytes"] for d in devices) / planner.GB if devices else None
@@ -245,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmd("reload", _reload, "re-read the config file (like systemctl reload llmd)")
     p = cmd(
-        "plan", _plan,
+        "plan",
+        _plan,
         "which models fit in VRAM and which spill to RAM (offline with --model, else from the "
         "running daemon's models and GPUs)",
     )

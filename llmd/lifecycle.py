@@ -156,7 +156,11 @@ def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
             prewarm=k.prewarm,
         )
         return KeepAlive(
-            d.keep_alive_s, d.source, d.samples, d.percentile, d.prewarm_after_s,
+            d.keep_alive_s,
+            d.source,
+            d.samples,
+            d.percentile,
+            d.prewarm_after_s,
             d.prewarm_expire_s,
         )
 
@@ -479,8 +483,12 @@ class Lifecycle:
                 and m.state is MState.LOADED
             ]
             for m in self.models.values():
-                if (m.prewarm_at is not None and m.prewarm_at <= now and m.in_flight == 0
-                        and m.state is MState.UNLOADED):
+                if (
+                    m.prewarm_at is not None
+                    and m.prewarm_at <= now
+                    and m.in_flight == 0
+                    and m.state is MState.UNLOADED
+                ):
                     self._prewarm(m)
             for m in due:
                 if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
@@ -496,8 +504,7 @@ class Lifecycle:
                     )
                     await self._unload(m, why)
             deadlines = [
-                t for m in self.models.values() for t in (m.deadline, m.prewarm_at)
-                if t is not None
+                t for m in self.models.values() for t in (m.deadline, m.prewarm_at) if t is not None
             ]
             wait = None if not deadlines else max(0.0, min(deadlines) - self._clock())
             self._timers_changed.clear()

@@ -243,6 +243,9 @@ class Store:
 
     def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
         """The model's idle gaps over the last `days` UTC days, today included."""
+        # The daemon asks as a model goes idle, right after its last request was recorded:
+        # count that request's gap now rather than at the next flush.
+        self._roll_up()
         now = self._clock()
         today = _day(now)
         cached = self._merged.get(model, {}).get(days)

@@ -105,11 +105,13 @@ def test_low_priority_leaves_first_where_ollama_evicts_the_important_one(
 ) -> None:
     """Loading a third model evicts the least important one, never spilling; Ollama alone
     evicts the most important (its tie-break is the name) on the same sequence."""
-    d = gpu_daemon([
-        {"name": CHAT, "priority": 1},
-        {"name": CODE, "priority": 2},
-        {"name": SMALL, "priority": 3},
-    ])
+    d = gpu_daemon(
+        [
+            {"name": CHAT, "priority": 1},
+            {"name": CODE, "priority": 2},
+            {"name": SMALL, "priority": 3},
+        ]
+    )
     with SpillWatch(d.backend_url(0)) as watch:
         for m in (SMALL, CHAT, CODE):
             status, body, _ = generate(d.url, m)
@@ -135,8 +137,9 @@ def test_low_priority_leaves_first_where_ollama_evicts_the_important_one(
 
 
 def pull_direct(base: str, model: str) -> None:
-    req = urllib.request.Request(base + "/api/pull", data=json.dumps(
-        {"model": model, "stream": False}).encode())
+    req = urllib.request.Request(
+        base + "/api/pull", data=json.dumps({"model": model, "stream": False}).encode()
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         assert json.loads(r.read())["status"] == "success"
 
@@ -156,8 +159,7 @@ def test_no_spill_when_other_programs_hold_memory(gpu_daemon: Factory, tmp_path:
 
     gpu_file = write_gpu_file(tmp_path / "direct-gpu.json", [{**DEVICE, "external_mib": 10240}])
     (tmp_path / "direct").mkdir()
-    with start_sim(tmp_path / "direct", {"OLLAMA_SIM_GPU": str(gpu_file), **CTX},
-                   speed=20) as sim:
+    with start_sim(tmp_path / "direct", {"OLLAMA_SIM_GPU": str(gpu_file), **CTX}, speed=20) as sim:
         pull_direct(sim.url, CODE)
         assert generate(sim.url, CODE)[0] == 200
         m = ps(sim.url)[CODE]
@@ -167,11 +169,13 @@ def test_no_spill_when_other_programs_hold_memory(gpu_daemon: Factory, tmp_path:
 def test_pinned_models_are_never_evicted(gpu_daemon: Factory) -> None:
     """Pinned models stay, even the least important one (pinned at run time with llmctl); the
     request then waits admission_timeout and gets 503 naming them."""
-    d = gpu_daemon([
-        {"name": CHAT, "priority": 1, "pin": True},
-        {"name": CODE, "priority": 2},
-        {"name": SMALL, "priority": 3},
-    ])
+    d = gpu_daemon(
+        [
+            {"name": CHAT, "priority": 1, "pin": True},
+            {"name": CODE, "priority": 2},
+            {"name": SMALL, "priority": 3},
+        ]
+    )
     assert d.llmctl("pin", SMALL).returncode == 0
     for m in (SMALL, CHAT):
         assert generate(d.url, m)[0] == 200
@@ -193,8 +197,11 @@ def test_busy_model_is_not_evicted_until_idle(gpu_daemon: Factory) -> None:
     """A lower-priority model with a request in flight is not evicted mid-stream; the newcomer
     waits until it is idle, then takes its place."""
     d = gpu_daemon(
-        [{"name": CHAT, "priority": 1}, {"name": CODE, "priority": 2},
-         {"name": SMALL, "priority": 3}],
+        [
+            {"name": CHAT, "priority": 1},
+            {"name": CODE, "priority": 2},
+            {"name": SMALL, "priority": 3},
+        ],
         speed="2",
         gpu={"admission_timeout": "20s"},
     )
@@ -245,13 +252,31 @@ def test_llmctl_plan_offline_worked_example(tmp_path: Path) -> None:
     import subprocess
 
     r = subprocess.run(
-        [*llmctl_argv(), "--socket", str(tmp_path / "none.sock"), "--json", "plan",
-         "--model", "codellama,7,Q5_K_M,1", "--model", "mistral,7,Q4_K_M,2",
-         "--model", "phi3,4,Q4_K_M,3", "--vram-gb", "24", "--ram-gb", "64"],
-        capture_output=True, text=True,
+        [
+            *llmctl_argv(),
+            "--socket",
+            str(tmp_path / "none.sock"),
+            "--json",
+            "plan",
+            "--model",
+            "codellama,7,Q5_K_M,1",
+            "--model",
+            "mistral,7,Q4_K_M,2",
+            "--model",
+            "phi3,4,Q4_K_M,3",
+            "--vram-gb",
+            "24",
+            "--ram-gb",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert [(m["name"], m["vram_gb"]) for m in plan["vram"]] == [
-        ("codellama", 6.02), ("mistral", 4.96), ("phi3", 2.71)]
+        ("codellama", 6.02),
+        ("mistral", 4.96),
+        ("phi3", 2.71),
+    ]
     assert plan["total_vram_gb"] == 13.69 and plan["ram_spillover"] == []
