@@ -606,7 +606,7 @@ class Lifecycle:
 
 
 def _consume(task: asyncio.Task[Any]) -> None:
-    """Retrieve a background load's outcome so a failure is logged once, not as 'never retrieved'."""
+    """Retrieve a background load's outcome, so a failure is logged, not 'never retrieved'."""
     if not task.cancelled() and task.exception() is not None:
         log.info("background load failed: %s", task.exception())
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from llmdproc import Llmd, cleanup, make_llmd, pull, wait_for
 from simproc import set_external_mib, start_sim, write_gpu_file
 
@@ -248,8 +247,9 @@ def test_memory_taken_by_another_program_triggers_pressure_eviction(
 
 def test_llmctl_plan_offline_worked_example(tmp_path: Path) -> None:
     """`llmctl plan` places the worked example in VRAM without a daemon."""
-    from llmdproc import llmctl_argv
     import subprocess
+
+    from llmdproc import llmctl_argv
 
     r = subprocess.run(
         [

@@ -21,8 +21,8 @@ from llmdproc import cleanup, make_llmd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.replay import Params, Simulator, make_policy  # noqa: E402
-from bench.traces import ModelSpec, Request, Trace  # noqa: E402
+from bench.replay import Params, Simulator, make_policy
+from bench.traces import ModelSpec, Request, Trace
 
 FAST, SLOW = "tiny:1m", "tiny:2m"
 PARAMS = Params(beta=0.001, min_s=1.0, max_s=12.0, default_s=3.0)
