@@ -26,10 +26,11 @@ from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
 from llmd.memory import Memory
+from llmd.metrics import Metrics
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
 from llmd.proxy import Proxy
-from llmd.store import Store
+from llmd.store import RequestRecord, Store
 
 log = logging.getLogger("llmd")
 
@@ -59,6 +60,7 @@ class Daemon:
         self._stopping = False
         self._started_at = time.time()
         self.notifier = Notifier()
+        self.metrics = Metrics()
         self.store: Store
         self.backends: Backends
         self.lifecycle: Lifecycle
@@ -96,7 +98,7 @@ class Daemon:
                 self.cfg,
                 self.backends,
                 session=session,
-                events=self.store,
+                events=self,
                 keep_alive=policy_keep_alive(self.cfg, self.store),
             )
             self.proxy = Proxy(
@@ -104,7 +106,8 @@ class Daemon:
                 self.backends,
                 self.lifecycle,
                 session=session,
-                record=self.store.record_request,
+                record=self.record_request,
+                metrics=lambda: self.metrics.render(self),
             )
             self.memory = Memory(self.cfg, self._make_probe(), store=self.store, session=session)
             stack.push_async_callback(self.memory.probe.close)
@@ -117,6 +120,18 @@ class Daemon:
                 self._tg = tg
                 self.backends.start()
                 tg.create_task(self._main(), name="main")
+
+    def record_event(
+        self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
+    ) -> None:
+        """A lifecycle event: counted for /metrics, kept in the store for `llmctl events`."""
+        self.metrics.record_event(kind, model)
+        self.store.record_event(kind, model=model, backend=backend, reason=reason)
+
+    def record_request(self, rec: RequestRecord) -> None:
+        """A finished proxied request: counted for /metrics, kept in the store for learning."""
+        self.metrics.record_request(rec)
+        self.store.record_request(rec)
 
     def _make_probe(self) -> gpu.Probe:
         g = self.cfg.gpu
@@ -219,7 +234,7 @@ class Daemon:
     def _child_exited(self, child: Child, reason: str) -> None:
         self.lifecycle.child_restarted(child, reason)
         kind = "restart" if reason == "restarted on request" else "crash"
-        self.store.record_event(kind, backend=child.name, reason=reason)
+        self.record_event(kind, backend=child.name, reason=reason)
 
     async def _report_status(self) -> None:
         while True:
@@ -251,7 +266,7 @@ class Daemon:
                 new = config.load(self.cfg.path)
             except ConfigError as e:
                 log.error("reload failed, keeping the running config: %s", e)
-                self.store.record_event("reload", reason=f"rejected: {e}")
+                self.record_event("reload", reason=f"rejected: {e}")
                 return False, [str(e)]
             notes = []
             for what, old_v, new_v in (
@@ -267,7 +282,7 @@ class Daemon:
             self.proxy.cfg = new
             self.lifecycle.set_keep_alive_fn(policy_keep_alive(new, self.store))
             logging.getLogger().setLevel(new.daemon.log_level.upper())
-            self.store.record_event("reload", reason="; ".join(notes) or "no backend changes")
+            self.record_event("reload", reason="; ".join(notes) or "no backend changes")
             log.info("reloaded %s: %s", new.path, "; ".join(notes) or "no backend changes")
             return True, notes
         finally:
@@ -282,7 +297,7 @@ class Daemon:
     async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
         """Pin or unpin a model at run time; the pin persists across restarts."""
         await self.store.set_pin(name, pinned)
-        self.store.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
+        self.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
         self.lifecycle.set_keep_alive_fn(policy_keep_alive(self.cfg, self.store))
         return {"model": name, "pinned": pinned}
 

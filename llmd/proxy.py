@@ -93,12 +93,14 @@ class Proxy:
         *,
         session: aiohttp.ClientSession,
         record: RecordFn,
+        metrics: Callable[[], str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.backends = backends
         self.lifecycle = lifecycle
         self._session = session
         self._record = record
+        self._metrics = metrics
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -112,6 +114,7 @@ class Proxy:
         r = app.router
         r.add_route("GET", "/", self._root)
         r.add_get("/healthz", self._healthz)
+        r.add_get("/metrics", self._metrics_page)
         r.add_get("/api/tags", self._tags)
         r.add_get("/api/ps", self._ps)
         r.add_get("/v1/models", self._v1_models)
@@ -155,6 +158,14 @@ class Proxy:
 
     async def _root(self, request: web.Request) -> web.Response:
         return web.Response(text="Ollama is running")
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise ProxyError(404, "metrics are not enabled")
+        return web.Response(
+            body=self._metrics().encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         states = {c.name: c.state.value for c in self.backends.children.values()}

@@ -538,3 +538,22 @@ def test_systemd_notifications(daemon: Factory) -> None:
         t.join()
         sock.close()
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_metrics_are_per_model_prometheus(daemon: Factory) -> None:
+    """/metrics on the proxy port counts requests, cold starts and loads per model."""
+    d = daemon().start()
+    for _ in range(2):
+        assert (
+            post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})[0] == 200
+        )
+    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    assert f'llmd_requests_total{{model="{TINY}",endpoint="/api/generate",status="200"}} 2' in text
+    assert f'llmd_cold_starts_total{{model="{TINY}"}} 1' in text
+    assert f'llmd_model_events_total{{event="load",model="{TINY}"}} 1' in text
+    assert f'llmd_model_loaded{{model="{TINY}",backend="b0"}} 1' in text
+    assert f'llmd_request_duration_seconds_count{{model="{TINY}"}} 2' in text
+    assert 'llmd_backend_up{backend="b0"} 1' in text
+    assert 'llmd_gpu_memory_total_bytes{gpu="0"}' in text

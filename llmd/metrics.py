@@ -1,0 +1,182 @@
+"""Prometheus exposition of per-model counters and histograms, on the proxy port's /metrics."""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from llmd.store import RequestRecord
+
+if TYPE_CHECKING:
+    from llmd.daemon import Daemon
+
+# Seconds: from a warm token to a cold load of a big model.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count, per label set."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self.buckets.setdefault(labels, [0] * (len(BUCKETS) + 1))
+        counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sums[labels] = self.sums.get(labels, 0.0) + value
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names: Iterable[str], values: Iterable[str]) -> str:
+    pairs = [f'{n}="{_esc(v)}"' for n, v in zip(names, values, strict=True)]
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+class Metrics:
+    """Counts what the proxy and the lifecycle report; renders the text format on demand."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.cold: Counter[str] = Counter()
+        self.tokens: Counter[tuple[str, str]] = Counter()
+        self.events: Counter[tuple[str, str]] = Counter()
+        self.duration = Histogram()
+        self.ttfb = Histogram()
+
+    def record_request(self, rec: RequestRecord) -> None:
+        """One finished proxied request."""
+        self.requests[(rec.model, rec.endpoint, str(rec.status))] += 1
+        if rec.waited_for_load:
+            self.cold[rec.model] += 1
+        self.duration.observe((rec.model,), rec.duration_s)
+        if rec.ttfb_s is not None:
+            self.ttfb.observe((rec.model,), rec.ttfb_s)
+        if rec.prompt_tokens:
+            self.tokens[(rec.model, "prompt")] += rec.prompt_tokens
+        if rec.eval_tokens:
+            self.tokens[(rec.model, "eval")] += rec.eval_tokens
+
+    def record_event(self, kind: str, model: str | None) -> None:
+        """One lifecycle event (load, unload, evict, crash...)."""
+        self.events[(kind, model or "")] += 1
+
+    def render(self, d: Daemon) -> str:
+        """The Prometheus text exposition format."""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help: str, rows: Iterable[tuple[str, float]]) -> None:
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value:g}" for labels, value in rows)
+
+        def hist(name: str, help: str, h: Histogram) -> None:
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} histogram")
+            for labels, counts in sorted(h.buckets.items()):
+                acc = 0
+                for bound, c in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+                    acc += c
+                    out.append(f"{name}_bucket{_labels(('model', 'le'), (*labels, bound))} {acc}")
+                out.append(f"{name}_sum{_labels(('model',), labels)} {h.sums[labels]:g}")
+                out.append(f"{name}_count{_labels(('model',), labels)} {acc}")
+
+        lab: Callable[..., str] = lambda names, *values: _labels(names, values)  # noqa: E731
+        family(
+            "llmd_requests_total",
+            "counter",
+            "Proxied requests by model, endpoint, status.",
+            (
+                (lab(("model", "endpoint", "status"), *k), v)
+                for k, v in sorted(self.requests.items())
+            ),
+        )
+        family(
+            "llmd_cold_starts_total",
+            "counter",
+            "Requests that waited for a model load.",
+            ((lab(("model",), k), v) for k, v in sorted(self.cold.items())),
+        )
+        family(
+            "llmd_tokens_total",
+            "counter",
+            "Prompt and generated tokens by model.",
+            ((lab(("model", "kind"), *k), v) for k, v in sorted(self.tokens.items())),
+        )
+        family(
+            "llmd_model_events_total",
+            "counter",
+            "Lifecycle events (load, unload, evict, crash, restart...) by model.",
+            ((lab(("event", "model"), *k), v) for k, v in sorted(self.events.items())),
+        )
+        hist("llmd_request_duration_seconds", "Proxied request duration.", self.duration)
+        hist("llmd_time_to_first_byte_seconds", "Time to the first response byte.", self.ttfb)
+        models = sorted(d.lifecycle.models.values(), key=lambda m: m.name)
+        family(
+            "llmd_model_loaded",
+            "gauge",
+            "1 if the model is loaded.",
+            (
+                (lab(("model", "backend"), m.name, m.backend), float(m.state.value == "loaded"))
+                for m in models
+            ),
+        )
+        family(
+            "llmd_model_in_flight",
+            "gauge",
+            "Requests in flight per model.",
+            ((lab(("model",), m.name), m.in_flight) for m in models),
+        )
+        family(
+            "llmd_model_vram_bytes",
+            "gauge",
+            "GPU memory held by the model.",
+            ((lab(("model",), m.name), m.size_vram) for m in models),
+        )
+        family(
+            "llmd_model_keep_alive_seconds",
+            "gauge",
+            "The keep-alive the model's idle timer uses (-1: forever).",
+            (
+                (
+                    lab(("model", "source"), m.name, ka.source),
+                    -1 if ka.seconds is None else ka.seconds,
+                )
+                for m in models
+                for ka in [d.lifecycle.keep_alive_of(m)]
+            ),
+        )
+        children = list(d.backends.children.values())
+        family(
+            "llmd_backend_up",
+            "gauge",
+            "1 if the backend's ollama child is running.",
+            ((lab(("backend",), c.name), float(c.running)) for c in children),
+        )
+        family(
+            "llmd_backend_restarts_total",
+            "counter",
+            "Restarts of the backend's child.",
+            ((lab(("backend",), c.name), c.restarts) for c in children),
+        )
+        snap = d.memory.snapshot
+        devices = snap.devices if snap is not None else []
+        family(
+            "llmd_gpu_memory_used_bytes",
+            "gauge",
+            "GPU memory in use, all programs.",
+            ((lab(("gpu",), str(g.index)), g.used_bytes) for g in devices),
+        )
+        family(
+            "llmd_gpu_memory_total_bytes",
+            "gauge",
+            "GPU memory in all.",
+            ((lab(("gpu",), str(g.index)), g.total_bytes) for g in devices),
+        )
+        return "\n".join(out) + "\n"
