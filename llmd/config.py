@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -70,34 +71,38 @@ def parse_duration(value: object) -> float:
     )
 
 
-_SIZE_UNITS = {
-    "": 1,
+_UNITS = {
     "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
 }
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_UNIT_NAMES = "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
 
 
 def parse_size(value: object) -> int:
-    """Bytes from a size: an integer number of bytes or a string such as 32MiB or 24GB."""
+    """Bytes from an int or a string such as "24GiB", "512MiB", "24GB" or "1000" (bytes)."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 512MiB or 24GiB, or a number of bytes")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-    raise ValueError(
-        f"expected a size such as 512MiB or 24GiB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-        f", got {value!r}"
-    )
+        raise ValueError(f"invalid size {value!r}: expected bytes or a string like '24GiB'")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid size {value!r}: must be a non-negative number of bytes")
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"invalid size {value!r}: expected bytes or a string like '24GiB'")
+    m = _SIZE_RE.match(value)
+    unit = m.group(2).lower() if m else ""
+    if m is None or (unit and unit not in _UNITS):
+        raise ValueError(
+            f"invalid size {value!r}: expected a number and a unit, one of {_UNIT_NAMES}"
+        )
+    return round(float(m.group(1)) * _UNITS[unit or "b"])
 
 
 def normalize_model(name: str) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import re
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -619,37 +617,6 @@ def make_probe(
 
 
 # --- sizes and footprints ----------------------------------------------------------------------
-
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-_UNIT_NAMES = "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
-
-
-def parse_size(value: str | int | float) -> int:
-    """Bytes from an int or a string such as "24GiB", "512MiB", "24GB" or "1000" (bytes)."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid size {value!r}: expected bytes or a string like '24GiB'")
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"invalid size {value!r}: must be a non-negative number of bytes")
-        return int(value)
-    m = _SIZE_RE.match(value)
-    unit = m.group(2).lower() if m else ""
-    if m is None or (unit and unit not in _UNITS):
-        raise ValueError(
-            f"invalid size {value!r}: expected a number and a unit, one of {_UNIT_NAMES}"
-        )
-    return round(float(m.group(1)) * _UNITS[unit or "b"])
 
 
 def _info_int(info: Mapping[str, Any], key: str) -> int | None:

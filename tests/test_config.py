@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_reference_config_documents_every_field() -> None:
         ('[proxy]\nlisten = "11434"', "proxy.listen", "expected HOST:PORT"),
         ('[proxy]\nlisten = "127.0.0.1:99999"', "proxy.listen", "expected HOST:PORT"),
         ('[proxy]\nmax_body = "1MiB"', "proxy.max_body", "unknown key"),
-        ('[proxy]\nmax_body_size = "lots"', "proxy.max_body_size", "expected a size"),
+        ('[proxy]\nmax_body_size = "lots"', "proxy.max_body_size", "invalid size"),
         ('[daemon]\nlog_level = "loud"', "daemon.log_level", "expected one of"),
         ('[daemon]\nshutdown_timeout = "-5s"', "daemon.shutdown_timeout", "positive"),
         ('[deamon]\nlog_level = "info"', "deamon", "unknown key"),
@@ -197,3 +198,36 @@ def test_check_config_cli(tmp_path: Path) -> None:
     )
     assert r.returncode == 1
     assert "proxy.listen" in r.stderr and "HOST:PORT" in r.stderr
+
+
+GiB, MiB = 1024**3, 1024**2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("24GiB", 24 * GiB),
+        ("512MiB", 512 * MiB),
+        ("24GB", 24 * 10**9),
+        ("24 gib", 24 * GiB),
+        ("1.5GiB", 3 * GiB // 2),
+        ("1000", 1000),
+        ("64KB", 64000),
+        ("2TiB", 2 << 40),
+        ("7B", 7),
+        (4096, 4096),
+        (2.0e9, 2 * 10**9),
+    ],
+)
+def test_parse_size(value: str | int, expected: int) -> None:
+    """Sizes are bytes from ints or number+unit strings, decimal and binary units."""
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["24G", "GiB", "-1GiB", "24 GiBs", "", -5, True, float("nan")])
+def test_parse_size_errors(value: Any) -> None:
+    """Invalid sizes raise ValueError quoting the value and naming the valid units."""
+    with pytest.raises(ValueError, match="invalid size") as e:
+        parse_size(value)
+    if isinstance(value, str):
+        assert "KiB, MiB, GiB, TiB" in str(e.value)

@@ -534,39 +534,6 @@ def test_free_bytes_never_negative() -> None:
     assert Device(0, "x", 10, 20).free_bytes == 0
 
 
-# --- parse_size -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        ("24GiB", 24 * GiB),
-        ("512MiB", 512 * MiB),
-        ("24GB", 24 * 10**9),
-        ("24 gib", 24 * GiB),
-        ("1.5GiB", 3 * GiB // 2),
-        ("1000", 1000),
-        ("64KB", 64000),
-        ("2TiB", 2 << 40),
-        ("7B", 7),
-        (4096, 4096),
-        (2.0e9, 2 * 10**9),
-    ],
-)
-def test_parse_size(value: str | int, expected: int) -> None:
-    """Sizes are bytes from ints or number+unit strings, decimal and binary units."""
-    assert gpu.parse_size(value) == expected
-
-
-@pytest.mark.parametrize("value", ["24G", "GiB", "-1GiB", "24 GiBs", "", -5, True, float("nan")])
-def test_parse_size_errors(value: Any) -> None:
-    """Invalid sizes raise ValueError quoting the value and naming the valid units."""
-    with pytest.raises(ValueError, match="invalid size") as e:
-        gpu.parse_size(value)
-    if isinstance(value, str):
-        assert "KiB, MiB, GiB, TiB" in str(e.value)
-
-
 # --- footprint --------------------------------------------------------------------------------
 
 OVERHEAD = OLLAMA_MIN_GPU_RESERVE + GRAPH_SURCHARGE
