@@ -16,7 +16,7 @@ EXIT_OK, EXIT_DAEMON, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _mib(n: int | None) -> str:
-    return "-" if not n else f"{n / 1024**2:,.0f} MiB"
+    return "-" if n is None else f"{n / 1024**2:,.0f} MiB"
 
 
 def _secs(s: float | None) -> str:
@@ -101,7 +101,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
                 m["priority"],
                 "yes" if m["pinned"] else "",
                 m["in_flight"],
-                _mib(m["size_vram"]),
+                _mib(m["size_vram"] or None),
                 f"{_secs(m['keep_alive_s'])} ({basis})",
                 "-" if m.get("expires_in_s") is None else _secs(m["expires_in_s"]),
             ]
