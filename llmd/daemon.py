@@ -21,7 +21,7 @@ import psutil
 from aiohttp import web
 
 from llmd import __version__, config, gpu, planner
-from llmd.admin import API_VERSION, Admin, prepare_socket, secure_socket
+from llmd.admin import API_VERSION, Admin, AdminError, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
@@ -59,6 +59,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._stopping = False
         self._started_at = time.time()
+        self.exit_code = 0
         self.notifier = Notifier()
         self.metrics = Metrics()
         self.store: Store
@@ -216,6 +217,13 @@ class Daemon:
     async def _startup(self) -> None:
         """READY=1 once every backend is ready or has failed; then preload, then reconcile."""
         await self.backends.wait_settled()
+        await self.backends.refresh_tags()
+        err = await self.memory.pinned_fit_error(self.cfg)
+        if err is not None:
+            log.error("%s: %s", self.cfg.path, err)
+            self.exit_code = EX_CONFIG
+            self._stop.set()
+            return
         self.notifier.notify("READY=1", f"STATUS={self.summary()}")
         log.info("llmd %s ready: %s", __version__, self.summary())
         await self.lifecycle.preload()
@@ -273,13 +281,20 @@ class Daemon:
                 ("proxy.listen", self.cfg.proxy.listen, new.proxy.listen),
                 ("daemon.admin_socket", self.cfg.daemon.admin_socket, new.daemon.admin_socket),
                 ("daemon.state_dir", self.cfg.daemon.state_dir, new.daemon.state_dir),
+                ("gpu.probe", self.cfg.gpu.probe, new.gpu.probe),
             ):
                 if old_v != new_v:
                     notes.append(f"{what} changed: restart llmd to apply it")
+            err = await self.memory.pinned_fit_error(new)
+            if err is not None:
+                log.error("reload failed, keeping the running config: %s", err)
+                self.record_event("reload", reason=f"rejected: {err}")
+                return False, [f"{new.path}: {err}"]
             notes += await self.backends.apply(new)
             self.cfg = new
             self.lifecycle.cfg = new
             self.proxy.cfg = new
+            self.memory.cfg = new
             self.lifecycle.set_keep_alive_fn(policy_keep_alive(new, self.store))
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             self.record_event("reload", reason="; ".join(notes) or "no backend changes")
@@ -296,6 +311,10 @@ class Daemon:
 
     async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
         """Pin or unpin a model at run time; the pin persists across restarts."""
+        if pinned:
+            err = await self.memory.pinned_fit_error(self.cfg, extra=name)
+            if err is not None:
+                raise AdminError(409, "does_not_fit", f"cannot pin {name}: {err}")
         await self.store.set_pin(name, pinned)
         self.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
         self.lifecycle.set_keep_alive_fn(policy_keep_alive(self.cfg, self.store))
@@ -488,12 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(cfg.daemon.log_level)
     # A hung daemon killed by the systemd watchdog (SIGABRT) leaves its stacks in the journal.
     faulthandler.enable()
+    daemon = Daemon(cfg)
     try:
-        asyncio.run(Daemon(cfg).run())
+        asyncio.run(daemon.run())
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 1
-    return 0
+    return daemon.exit_code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +125,8 @@ class Memory:
         if m.name in self._estimates:
             return self._estimates[m.name]
         est = await self._estimate(m.name, child, devices, options)
-        self._estimates[m.name] = est
+        if est.basis != "unknown":  # not pulled yet, perhaps: ask again next time
+            self._estimates[m.name] = est
         return est
 
     async def _estimate(
@@ -363,15 +364,25 @@ class Memory:
             evicted += names
         return evicted
 
-    async def pinned_fit_error(
-        self, footprints: Callable[[], Awaitable[dict[str, int]]]
-    ) -> str | None:
-        """Why the pinned models cannot all fit in GPU memory together, or None."""
-        snap = self.snapshot or await self.read()
+    async def pinned_fit_error(self, cfg: Config, extra: str | None = None) -> str | None:
+        """Why the pinned models (config and run-time pins, plus `extra`) cannot all stay in
+        GPU memory together, or None; models of unknown size are left out."""
+        snap = await self.read()
         if not snap.devices:
             return None
-        sizes = await footprints()
-        g = self.cfg.gpu
+        names = {m.name for m in cfg.models if m.pin} | self.store.pins()
+        if extra is not None:
+            names.add(extra)
+        sizes: dict[str, int] = {}
+        for name in sorted(names):
+            child = await self.lifecycle.backends.locate(name)
+            if child is None or not child.running:
+                continue
+            m = self.lifecycle.model(name, child)
+            fp = await self.footprint(m, child, self.devices_of(child, snap), {})
+            if fp.bytes:
+                sizes[name] = fp.bytes
+        g = cfg.gpu
         capacity = sum(int(d.total_bytes * g.high_watermark) - g.reserve for d in snap.devices)
         total = sum(sizes.values())
         if total <= capacity:
@@ -379,5 +390,5 @@ class Memory:
         listed = ", ".join(f"{n} ({_gib(s)})" for n, s in sizes.items())
         return (
             f"pinned models need {_gib(total)} together but the GPUs hold {_gib(capacity)} "
-            f"under gpu.high_watermark and gpu.reserve: {listed}; unpin one or add memory"
+            f"under gpu.high_watermark and gpu.reserve: {listed}; unpin one or add GPU memory"
         )

@@ -250,30 +250,9 @@ def decide_keep_alive(
     rent = beta * size_gb  # latency-seconds per idle second
     buy = priority_weight(priority) * load_s  # latency-seconds per cold start
     counts = hist.counts
-
-    # Candidate timeouts: EDGES[k], which serves bins < k warm (EDGES[0] = 0: unload at once).
-    # keep[k] is the total cost of timeout EDGES[k] over the history: a covered gap costs
-    # rent * g (g at its bin's middle), any other rent * EDGES[k] + buy. cum_n[k], cum_g[k]:
-    # count and gap sum of bins < k. The best k minimises keep[k] among edges within the cap,
-    # the smallest on ties (no evidence beyond a bin, no reason to keep longer).
-    keep = [buy * n]
-    cum_n = [0]
-    cum_g = [0.0]
-    cn = 0
-    cg = 0.0
-    for k in range(1, NBINS + 1):
-        c = counts[k - 1]
-        cn += c
-        cg += c * _REPS[k - 1]
-        cum_n.append(cn)
-        cum_g.append(cg)
-        rest = n - cn
-        keep.append(rent * (cg + rest * EDGES[k]) + buy * rest)
+    keep, cum_n, cum_g = _timeout_costs(counts, n, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
-    best_k = 0
-    for k in range(1, kmax + 1):
-        if keep[k] < keep[best_k] * (1 - 1e-12):
-            best_k = k
+    best_k = _best_timeout(keep, kmax)
     plain = KeepAliveDecision(
         _clamp(EDGES[best_k], min_s, max_s), "adaptive", n, 100.0 * cum_n[best_k] / n
     )
@@ -289,6 +268,41 @@ def decide_keep_alive(
     if cost >= (1 - PREWARM_GAIN) * keep[best_k] or unload_s >= start:
         return plain
     return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, EDGES[k2])
+
+
+def _timeout_costs(
+    counts: list[int], n: int, rent: float, buy: float
+) -> tuple[list[float], list[int], list[float]]:
+    """(keep, cum_n, cum_g) over the candidate timeouts EDGES[k], k = 0..NBINS.
+
+    Timeout EDGES[k] serves bins < k warm (EDGES[0] = 0: unload at once). keep[k] is its total
+    cost over the history: a covered gap costs rent * g (g at its bin's middle), any other
+    rent * EDGES[k] + buy. cum_n[k], cum_g[k]: count and gap sum of bins < k.
+    """
+    keep = [buy * n]
+    cum_n = [0]
+    cum_g = [0.0]
+    cn = 0
+    cg = 0.0
+    for k in range(1, NBINS + 1):
+        c = counts[k - 1]
+        cn += c
+        cg += c * _REPS[k - 1]
+        cum_n.append(cn)
+        cum_g.append(cg)
+        rest = n - cn
+        keep.append(rent * (cg + rest * EDGES[k]) + buy * rest)
+    return keep, cum_n, cum_g
+
+
+def _best_timeout(keep: list[float], kmax: int) -> int:
+    """The k <= kmax minimising keep[k], the smallest on ties (no evidence beyond a bin, no
+    reason to keep longer)."""
+    best_k = 0
+    for k in range(1, kmax + 1):
+        if keep[k] < keep[best_k] * (1 - 1e-12):
+            best_k = k
+    return best_k
 
 
 def _best_prewarm(
@@ -403,15 +417,36 @@ class Candidate:
     load_s: float = 0.0
 
 
-def p_request_soon(c: Candidate) -> float:
-    """Probability that the candidate gets a request within its break-even window from now.
+def _own_keep_s(c: Candidate) -> float | None:
+    """The keep-alive the candidate's own history implies (decide_keep_alive's cost-optimal
+    timeout, without the operator's bounds), or None when the history cannot tell."""
+    t_star = c.break_even_s
+    h = c.hist
+    if t_star is None or h is None or not math.isfinite(t_star) or t_star <= 0:
+        return None
+    n = h.samples
+    if n < MIN_SAMPLES or (t_star > RANGE_S and h.oob >= OOB_UNREPRESENTATIVE * n):
+        return None
+    buy = priority_weight(c.priority) * max(c.load_s, 0.0)
+    if buy <= 0:
+        return None
+    keep, _, _ = _timeout_costs(h.counts, n, buy / t_star, buy)
+    return EDGES[_best_timeout(keep, bisect.bisect_right(EDGES, t_star) - 1)]
+
+
+def p_request_soon(c: Candidate, horizon_s: float | None = None) -> float:
+    """Probability that the candidate gets a request within horizon_s from now (default: its
+    break-even window).
 
     From its histogram, conditioned on having been idle idle_s already: among past gaps longer
     than idle_s, the share that ended within the window (smoothed towards the memoryless
     estimate below). Without enough history: 1 - exp(-window/idle_s), i.e. the longer a model
     has been idle, the less likely it is needed soon (LRU order).
     """
-    horizon = DEFAULT_SOON_S if c.break_even_s is None else c.break_even_s
+    if horizon_s is not None:
+        horizon = max(horizon_s, 0.0)
+    else:
+        horizon = DEFAULT_SOON_S if c.break_even_s is None else c.break_even_s
     idle = max(c.idle_s, 0.0)
     prior = 1.0 - math.exp(-horizon / max(idle, 60.0))
     h = c.hist
@@ -476,7 +511,12 @@ def choose_victims(
 
 def eviction_cost_s(c: Candidate) -> float:
     """Expected priority-weighted latency-seconds that evicting c now costs: w * L * P(soon)."""
-    return priority_weight(c.priority) * c.load_s * p_request_soon(c)
+    own = _own_keep_s(c) if EVICT_OWN else None
+    horizon = None if own is None else own - max(c.idle_s, 0.0)
+    return priority_weight(c.priority) * c.load_s * p_request_soon(c, horizon)
+
+
+EVICT_OWN = True
 
 
 def admission_wait_s(
@@ -495,4 +535,17 @@ def admission_wait_s(
         return None
     by_name = {c.name: c for c in candidates}
     cost = sum(eviction_cost_s(by_name[n]) for n in names)
-    return cost / priority_weight(requester_priority)
+    wait = cost / priority_weight(requester_priority)
+    if not ADMIT_KNOWN:
+        return wait
+    frees: list[float] = []
+    for n in names:
+        own = _own_keep_s(by_name[n])
+        if own is None:
+            return wait
+        frees.append(max(own - max(by_name[n].idle_s, 0.0), 0.0))
+    free_in = max(frees, default=0.0)
+    return free_in if free_in <= wait else 0.0
+
+
+ADMIT_KNOWN = True

@@ -280,3 +280,18 @@ def test_llmctl_plan_offline_worked_example(tmp_path: Path) -> None:
         ("phi3", 2.71),
     ]
     assert plan["total_vram_gb"] == 13.69 and plan["ram_spillover"] == []
+
+
+def test_pins_that_cannot_fit_together_are_rejected(gpu_daemon: Factory) -> None:
+    """A run-time pin that would overfill the GPU is refused; so is a config whose pinned
+    models cannot fit together: llmd exits 78 (EX_CONFIG) naming them."""
+    d = gpu_daemon([{"name": CODE, "pin": True}, {"name": SMALL, "pin": True}, {"name": CHAT}])
+    r = d.llmctl("pin", CHAT)
+    assert r.returncode == 1
+    assert f"cannot pin {CHAT}: pinned models need" in r.stderr and CODE in r.stderr
+    assert d.stop() == 0
+    d.arrays["model"][2]["pin"] = True
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 78
+    assert "pinned models need" in d.logs() and "unpin one or add GPU memory" in d.logs()
