@@ -253,6 +253,12 @@ def decide_keep_alive(
     keep, cum_n, cum_g = _timeout_costs(counts, n, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = _best_timeout(keep, kmax)
+    if SLACK > 0:
+        lim = keep[best_k] * (1 + SLACK)
+        for k in range(kmax, best_k, -1):
+            if keep[k] <= lim:
+                best_k = k
+                break
     plain = KeepAliveDecision(
         _clamp(EDGES[best_k], min_s, max_s), "adaptive", n, 100.0 * cum_n[best_k] / n
     )
@@ -549,3 +555,4 @@ def admission_wait_s(
 
 
 ADMIT_KNOWN = True
+SLACK = float(__import__('os').environ.get('SLACK', '0'))

@@ -557,3 +557,40 @@ def test_metrics_are_per_model_prometheus(daemon: Factory) -> None:
     assert f'llmd_request_duration_seconds_count{{model="{TINY}"}} 2' in text
     assert 'llmd_backend_up{backend="b0"} 1' in text
     assert 'llmd_gpu_memory_total_bytes{gpu="0"}' in text
+
+
+def test_runtime_pin_survives_restart(daemon: Factory) -> None:
+    """`llmctl pin` persists in the store: after a restart the model is still pinned."""
+    d = daemon().start()
+    assert d.llmctl("pin", TINY).returncode == 0
+    m = d.model(TINY)
+    assert m["pinned"] and m["keep_alive_source"] == "pinned" and m["keep_alive_s"] is None
+    assert d.stop() == 0
+    d.start()
+    assert d.model(TINY)["pinned"]
+    assert d.llmctl("unpin", TINY).returncode == 0
+    assert not d.model(TINY)["pinned"]
+
+
+def test_unwritable_store_degrades_but_keeps_serving(daemon: Factory, tmp_path: Path) -> None:
+    """A database llmd cannot open never stops the proxy: status shows the store degraded."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    d = daemon(sections={"daemon": {"state_dir": str(blocker / "state")}}).start()
+    status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})
+    assert status == 200
+    st = d.status()
+    assert st["store"]["degraded"]
+    assert "DEGRADED" in d.llmctl("status").stdout
+
+
+def test_corrupt_database_is_moved_aside(daemon: Factory) -> None:
+    """A corrupt llmd.db is set aside and a fresh one started; llmd serves as usual."""
+    d = daemon()
+    state = Path(d.sections["daemon"]["state_dir"])
+    state.mkdir(parents=True)
+    (state / "llmd.db").write_bytes(b"this is not a database" * 100)
+    d.start()
+    assert post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})[0] == 200
+    assert list(state.glob("llmd.db.corrupt-*"))
+    assert d.status()["store"]["degraded"] is None

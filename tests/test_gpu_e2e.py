@@ -295,3 +295,16 @@ def test_pins_that_cannot_fit_together_are_rejected(gpu_daemon: Factory) -> None
     assert d.proc is not None
     assert d.proc.wait(30) == 78
     assert "pinned models need" in d.logs() and "unpin one or add GPU memory" in d.logs()
+
+
+def test_llmctl_plan_from_running_daemon(gpu_daemon: Factory) -> None:
+    """Without --model, `llmctl plan` plans the daemon's models with their measured sizes."""
+    d = gpu_daemon([{"name": CHAT, "priority": 1}, {"name": SMALL, "priority": 3}])
+    for m in (CHAT, SMALL):
+        assert generate(d.url, m)[0] == 200
+    r = d.llmctl("--json", "plan", "--ram-gb", "64")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    vram = {m["name"]: m["vram_gb"] for m in plan["vram"]}
+    assert vram[CHAT] == pytest.approx(5.17, abs=0.02)  # measured, no overhead added
+    assert vram[SMALL] == pytest.approx(4.06, abs=0.02)
