@@ -298,17 +298,25 @@ class Lifecycle:
             self._load(m, child, runner, reason), name=f"load-{m.name}"
         )
         m.load_task = task
+        task.add_done_callback(_consume)  # a load nobody waits for any more still gets logged
         return task
 
     async def _load(self, m: Model, child: Child, runner: dict[str, Any], reason: str) -> float:
         t0 = time.monotonic()
         try:
             for attempt in (1, 2):
-                await self._admit(m, child, runner)
+                await self._admit(m, child, runner)  # the retry knows the measured size
                 t0 = time.monotonic()
                 await self._post_load(m, child, runner)
-                if not await self._spilled(m, child, reason) or attempt == 2:
+                if not await self._spilled(m, child, reason):
                     break
+                if attempt == 2:
+                    raise LoadError(
+                        503,
+                        f"{m.name} does not fit in GPU memory and would run partly on the "
+                        "CPU (3-10x slower); set allow_cpu_spill = true for it to allow that",
+                        int(self.cfg.gpu.admission_timeout),
+                    )
         except BaseException as e:
             self._set_state(m, MState.UNLOADED)  # LOADING -> UNLOADED
             if isinstance(e, LoadError):
@@ -518,8 +526,7 @@ class Lifecycle:
         if child is None or not child.running:
             return
         m.prewarmed = True
-        task = self._start_load(m, child, None, reason="pre-warm for its predicted next request")
-        task.add_done_callback(_consume)
+        self._start_load(m, child, None, reason="pre-warm for its predicted next request")
 
     async def run_reconcile(self) -> None:
         """Keep model state true to each child's /api/ps, after restarts or outside unloads."""
