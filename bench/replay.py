@@ -286,12 +286,6 @@ class Adaptive(Policy):
             self.today[m] = day
         days[day].add(gap)
         self.merged[m].add(gap)
-        import llmd.policy as _p
-        self.rec = getattr(self, "rec", {})
-        r = self.rec.setdefault(m, [])
-        r.append(gap)
-        del r[:-_p.RLEN]
-        self.merged[m].recent_x = list(r)
 
     def on_idle(self, sim: Simulator, m: int, t: float) -> Timers:
         s = sim.models[m].spec

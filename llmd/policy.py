@@ -250,16 +250,6 @@ def decide_keep_alive(
     rent = beta * size_gb  # latency-seconds per idle second
     buy = priority_weight(priority) * load_s  # latency-seconds per cold start
     counts = hist.counts
-    rec = getattr(hist, "recent_x", None)
-    if rec and RALPHA > 0:
-        wr = RALPHA * n / len(rec)
-        counts = [float(c) for c in counts]
-        for g in rec:
-            b = bin_index(g)
-            if b < NBINS:
-                counts[b] += wr
-        n = n + wr * len(rec) - 0.0
-        # oob in n implicitly: n - sum(counts)
     keep, cum_n, cum_g = _timeout_costs(counts, n, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = _best_timeout(keep, kmax)
@@ -565,6 +555,4 @@ def admission_wait_s(
 
 
 ADMIT_KNOWN = True
-RALPHA = float(__import__('os').environ.get('RALPHA', '0'))
-RLEN = int(__import__('os').environ.get('RLEN', '16'))
 SLACK = float(__import__('os').environ.get('SLACK', '0'))

@@ -112,7 +112,7 @@ class Proxy:
             client_max_size=self.cfg.proxy.max_body_size, middlewares=[self._middleware]
         )
         r = app.router
-        r.add_route("GET", "/", self._root)
+        r.add_get("/", self._root)  # and HEAD /, the health check clients use
         r.add_get("/healthz", self._healthz)
         r.add_get("/metrics", self._metrics_page)
         r.add_get("/api/tags", self._tags)

@@ -594,3 +594,14 @@ def test_corrupt_database_is_moved_aside(daemon: Factory) -> None:
     assert post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})[0] == 200
     assert list(state.glob("llmd.db.corrupt-*"))
     assert d.status()["store"]["degraded"] is None
+
+
+def test_root_and_head_answer_like_ollama(daemon: Factory) -> None:
+    """GET / and HEAD / answer as Ollama does, for clients' health checks."""
+    d = daemon().start()
+    with urllib.request.urlopen(d.url + "/", timeout=10) as r:
+        assert r.read() == b"Ollama is running"
+    req = urllib.request.Request(d.url + "/", method="HEAD")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+    assert d.get("/api/version")["version"]
