@@ -84,6 +84,8 @@ class Backends:
         for b in removed + changed:
             child = self.children.pop(b.name)
             await child.stop()
+            if self._on_exit is not None:  # whatever it had loaded is gone
+                self._on_exit(child, "stopped by a reload")
             self._tasks.pop(b.name, None)
             self._tags.pop(b.name, None)
         for b in changed + added:

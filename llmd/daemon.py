@@ -241,7 +241,7 @@ class Daemon:
 
     def _child_exited(self, child: Child, reason: str) -> None:
         self.lifecycle.child_restarted(child, reason)
-        kind = "restart" if reason == "restarted on request" else "crash"
+        kind = "crash" if reason == child.error else "restart"
         self.record_event(kind, backend=child.name, reason=reason)
 
     async def _report_status(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import enum
+import itertools
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ class SpawnError(Exception):
 SpawnFn = Callable[..., Awaitable[asyncio.subprocess.Process]]
 
 _PR_SET_PDEATHSIG = 1
+_generations = itertools.count(1)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
@@ -141,7 +143,9 @@ class Child:
         self._supervising = False
         self._settled = asyncio.Event()  # first start succeeded or failed
         self._stopped = asyncio.Event()
-        self.generation = 0  # bumps at every (re)start, so callers can tell a restarted child
+        # A new number at every start of any child, so callers can tell a restarted child
+        # (or one replaced by a reload) from the one they knew.
+        self.generation = 0
 
     @property
     def name(self) -> str:
@@ -235,7 +239,7 @@ class Child:
     async def _run_once(self) -> tuple[str, float]:
         """Start the child and watch it until it exits; return why and how long it was ready."""
         self.state = State.STARTING  # STOPPED/BACKOFF -> STARTING
-        self.generation += 1
+        self.generation = next(_generations)
         try:
             proc = await self._start()
         except SpawnError as e:
