@@ -38,26 +38,13 @@ SMALL = "phi3:mini"
 PRIORITY = {CHAT: 1, CODE: 2, SMALL: 3}
 DEVICE = {"index": 0, "name": "NVIDIA GeForce RTX 4080", "total_mib": 14 * 1024}
 CTX = {"OLLAMA_CONTEXT_LENGTH": "4096"}
-# (model or None, external MiB to set before it): another program comes and goes.
-SEQUENCE: list[tuple[str, int | None]] = [
-    (SMALL, None),
-    (CHAT, None),
-    (CODE, None),
-    (SMALL, None),
-    (CHAT, None),
-    (SMALL, 3000),
-    (CODE, None),
-    (CHAT, 0),
-    (SMALL, None),
-    (CODE, 6000),
-    (CHAT, None),
-    (SMALL, 0),
-    (CODE, None),
-    (SMALL, 10240),
-    (CODE, None),
-    (CHAT, 0),
-    (CODE, None),
-]
+# (model, external MiB to set before it): another program comes and goes; a model of None
+# unloads every model first (as `ollama stop` would).
+SEQUENCE: list[tuple[str | None, int | None]] = [
+    (SMALL, None), (CHAT, None), (CODE, None), (SMALL, None), (CHAT, None), (SMALL, 3000),
+    (CODE, None), (CHAT, 0), (SMALL, None), (CODE, 6000), (CHAT, None), (SMALL, 0), (CODE, None),
+    (None, None), (CHAT, 10240), (SMALL, None), (CHAT, 0), (CODE, None),
+]  # fmt: skip
 
 
 def post(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -77,6 +64,12 @@ def ps(base: str) -> dict[str, dict[str, Any]]:
 def run_sequence(base: str, child: str, gpu_file: Path) -> dict[str, Any]:
     spills = spill_loads = important_evicted = errors = 0
     for model, external in SEQUENCE:
+        if model is None:
+            for m in PRIORITY:
+                post(base, "/api/generate", {"model": m, "keep_alive": 0})
+            while ps(child):
+                time.sleep(0.05)
+            continue
         if external is not None:
             set_external_mib(gpu_file, 0, external)
             time.sleep(1.0)  # let a pressure check see it

@@ -24,7 +24,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `llmd` import
 
 from bench.replay import FIXED_MINUTES, POLICIES, Params, Result, percentile, replay
 from bench.traces import DAY, FAMILIES, Trace, TraceError, load_models, load_trace, make_family
-from llmd.policy import NBINS, Candidate, IdleHistogram, choose_victims, decide_keep_alive
+from llmd.policy import (
+    NBINS,
+    Candidate,
+    IdleHistogram,
+    admission_wait_s,
+    choose_victims,
+    decide_keep_alive,
+)
 
 DEFAULT_BETA = 0.001
 """Latency-seconds per idle GB-s: one second of a weight-1 cold start is worth 1000 GB-s of
@@ -199,6 +206,7 @@ def policy_latency_us() -> dict[str, float]:
         "decide_keep_alive": lambda: decide_keep_alive(hist, **kw),
         "decide_keep_alive_prewarm": lambda: decide_keep_alive(hist, prewarm=True, **kw),
         "choose_victims_16": lambda: choose_victims(cands, 40 * 10**9, requester_priority=3),
+        "admission_wait_16": lambda: admission_wait_s(cands, 40 * 10**9, requester_priority=1),
     }
     return {k: 1e6 * min(timeit.repeat(f, number=100, repeat=5)) / 100 for k, f in calls.items()}
 
@@ -270,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Worst case (all bins filled, best of 5): decide_keep_alive "
         f"{micro['decide_keep_alive']:.0f} us, with prewarm "
         f"{micro['decide_keep_alive_prewarm']:.0f} us; choose_victims over 16 models "
-        f"{micro['choose_victims_16']:.0f} us."
+        f"{micro['choose_victims_16']:.0f} us, admission_wait_s "
+        f"{micro['admission_wait_16']:.0f} us."
     )
     lat.update({f"{k}_worst_us": v for k, v in micro.items()})
     if args.json is not None:

@@ -19,8 +19,9 @@ optimal fixed timeout for that model given its history. Three bounds keep that c
 
 - it never exceeds T*, which keeps the ski-rental guarantee (at most twice the offline optimum on
   any single gap) when the history stops predicting the future;
-- it never exceeds what the evidence supports: with no observed gap beyond a bin, covering it buys
-  nothing, so the smallest timeout of equal cost wins;
+- it goes beyond what the evidence supports only by Shahrad et al.'s +10% tail margin: with no
+  observed gap beyond a bin, covering it buys nothing, so the smallest timeout of equal cost wins
+  and then gets the margin (`MARGIN`);
 - it is clamped to the operator's [min_s, max_s].
 
 With fewer than `MIN_SAMPLES` gaps, or when the decisive gaps are out of the histogram's range,
@@ -162,8 +163,10 @@ histogram, a wrong long one the long gaps), so little evidence is needed."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
 MARGIN = 0.10
-"""Shahrad et al.'s -10% margin on the pre-warm head. The keep-alive needs none of its own: it
-ends at the upper edge of a bin, so it already covers every gap recorded in that bin."""
+"""Shahrad et al.'s 10% margins: -10% on the pre-warm head, +10% on the keep-alive tail (within
+T*). The cost-optimal timeout ends at the upper edge of the last bin it covers, i.e. just past
+the longest gap it was fitted to; a gap a little longer than any seen so far is the likeliest
+next surprise, and covering it costs only the margin on the gaps that outlast it."""
 PREWARM_GAIN = 0.10
 """A pre-warm window must beat the best plain keep-alive by 10% of expected cost: it risks a
 reload that finds no free memory and it is fitted to the head of the distribution, which moves
@@ -253,14 +256,11 @@ def decide_keep_alive(
     keep, cum_n, cum_g = _timeout_costs(counts, n, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = _best_timeout(keep, kmax)
-    if SLACK > 0:
-        lim = keep[best_k] * (1 + SLACK)
-        for k in range(kmax, best_k, -1):
-            if keep[k] <= lim:
-                best_k = k
-                break
     plain = KeepAliveDecision(
-        _clamp(EDGES[best_k], min_s, max_s), "adaptive", n, 100.0 * cum_n[best_k] / n
+        _clamp(_with_margin(best_k, cap), min_s, max_s),
+        "adaptive",
+        n,
+        100.0 * cum_n[best_k] / n,
     )
     if not prewarm or n < PREWARM_MIN_SAMPLES:
         return plain
@@ -309,6 +309,31 @@ def _best_timeout(keep: list[float], kmax: int) -> int:
         if keep[k] < keep[best_k] * (1 - 1e-12):
             best_k = k
     return best_k
+
+
+def _with_margin(k: int, cap: float) -> float:
+    """Timeout EDGES[k] plus the tail margin, within the cap; 0 stays 0."""
+    return min(EDGES[k] * (1 + MARGIN), cap) if k else 0.0
+
+
+def _history_timeout(hist: IdleHistogram, n: int, rent: float, buy: float, cap: float) -> float:
+    """The plain keep-alive decide_keep_alive takes from a usable history, before [min, max]:
+    _best_timeout over _timeout_costs, in one pass that stops at the cap."""
+    counts = hist.counts
+    best_k = 0
+    best = buy * n
+    cn = 0
+    cg = 0.0
+    for k in range(1, bisect.bisect_right(EDGES, cap)):
+        c = counts[k - 1]
+        if c:
+            cn += c
+            cg += c * _REPS[k - 1]
+        rest = n - cn
+        cost = rent * (cg + rest * EDGES[k]) + buy * rest
+        if cost < best * (1 - 1e-12):
+            best_k, best = k, cost
+    return _with_margin(best_k, cap)
 
 
 def _best_prewarm(
@@ -436,8 +461,7 @@ def _own_keep_s(c: Candidate) -> float | None:
     buy = priority_weight(c.priority) * max(c.load_s, 0.0)
     if buy <= 0:
         return None
-    keep, _, _ = _timeout_costs(h.counts, n, buy / t_star, buy)
-    return EDGES[_best_timeout(keep, bisect.bisect_right(EDGES, t_star) - 1)]
+    return _history_timeout(h, n, buy / t_star, buy, t_star)  # rent = beta * s = buy / T*
 
 
 def p_request_soon(c: Candidate, horizon_s: float | None = None) -> float:
@@ -516,13 +540,18 @@ def choose_victims(
 
 
 def eviction_cost_s(c: Candidate) -> float:
-    """Expected priority-weighted latency-seconds that evicting c now costs: w * L * P(soon)."""
-    own = _own_keep_s(c) if EVICT_OWN else None
+    """Expected priority-weighted latency-seconds that evicting c now costs: w * L * P(soon).
+
+    "Soon" is before c's own keep-alive (what its history implies, as decide_keep_alive takes
+    it) would have unloaded it anyway: a request after that is a cold start either way. Without
+    a usable history, within its break-even time.
+    """
+    return _eviction_cost(c, _own_keep_s(c))
+
+
+def _eviction_cost(c: Candidate, own: float | None) -> float:
     horizon = None if own is None else own - max(c.idle_s, 0.0)
     return priority_weight(c.priority) * c.load_s * p_request_soon(c, horizon)
-
-
-EVICT_OWN = True
 
 
 def admission_wait_s(
@@ -533,26 +562,24 @@ def admission_wait_s(
     When choose_victims(..., requester_priority=p) returns None, waiting is the rent and
     evicting the models choose_victims(...) (no requester) picks is the purchase: wait until
     the requester's weighted wait equals the expected cold-start cost the eviction causes, then
-    evict them (ski rental again). None when even that cannot free the memory (all busy or
-    pinned): wait for memory to free.
+    evict them (ski rental again). When the victims' own keep-alives are known, so is when
+    the memory frees by itself: wait exactly that long if it is within that bound, else 0
+    (waiting would only add to the eviction's cost). None when even that cannot free the memory
+    (all busy or pinned): wait for memory to free.
     """
     names = choose_victims(candidates, need_bytes)
     if names is None:
         return None
     by_name = {c.name: c for c in candidates}
-    cost = sum(eviction_cost_s(by_name[n]) for n in names)
+    owns = {n: _own_keep_s(by_name[n]) for n in names}
+    cost = sum(_eviction_cost(by_name[n], owns[n]) for n in names)
     wait = cost / priority_weight(requester_priority)
-    if not ADMIT_KNOWN:
-        return wait
-    frees: list[float] = []
+    # When every victim's own keep-alive is known, so is when the memory frees by itself: wait
+    # for that if it is cheaper than evicting, else waiting only adds to the eviction's cost.
+    free_in = 0.0
     for n in names:
-        own = _own_keep_s(by_name[n])
+        own = owns[n]
         if own is None:
             return wait
-        frees.append(max(own - max(by_name[n].idle_s, 0.0), 0.0))
-    free_in = max(frees, default=0.0)
+        free_in = max(free_in, own - max(by_name[n].idle_s, 0.0))
     return free_in if free_in <= wait else 0.0
-
-
-ADMIT_KNOWN = True
-SLACK = float(__import__('os').environ.get('SLACK', '0'))
