@@ -510,7 +510,10 @@ class Lifecycle:
                             else "idle"
                         )
                     )
-                    await self._unload(m, why)
+                    try:
+                        await self._unload(m, why)
+                    except Exception:  # one bad answer from a child must not stop the timers
+                        log.exception("unloading %s failed", m.name)
             deadlines = [
                 t for m in self.models.values() for t in (m.deadline, m.prewarm_at) if t is not None
             ]
@@ -531,7 +534,10 @@ class Lifecycle:
     async def run_reconcile(self) -> None:
         """Keep model state true to each child's /api/ps, after restarts or outside unloads."""
         while True:
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:  # a confusing answer from a child must not stop reconciliation
+                log.exception("reconciliation failed")
             await asyncio.sleep(RECONCILE_INTERVAL_S)
 
     async def reconcile(self) -> None:

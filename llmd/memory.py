@@ -333,6 +333,8 @@ class Memory:
                 await self.relieve()
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("pressure check failed: %s", e)
+            except Exception:  # never let one bad reading stop the pressure loop
+                log.exception("pressure check failed")
             await asyncio.sleep(self.cfg.gpu.interval)
 
     async def relieve(self) -> list[str]:
