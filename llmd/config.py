@@ -132,6 +132,7 @@ class ProxyConfig:
 
     listen: str = "127.0.0.1:11434"
     max_body_size: int = 32 * 1024**2
+    api_keys: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -320,6 +321,13 @@ def _listen(v: object) -> str:
     return s
 
 
+def _api_keys(v: object) -> tuple[str, ...]:
+    keys = _str_list(v)
+    if any(len(k) < 8 or k != k.strip() for k in keys):
+        raise ValueError("expected keys of at least 8 characters, without surrounding spaces")
+    return keys
+
+
 def _port(v: object) -> int:
     p = _int(v)
     if not 0 < p < 65536:
@@ -411,6 +419,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         ProxyConfig,
         listen=_listen,
         max_body_size=parse_size,
+        api_keys=_api_keys,
     )
     keep_alive = _read_dataclass(
         file,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hmac
 import json
 import logging
 import re
@@ -46,6 +47,8 @@ HOP_BY_HOP = {
     "content-length",
 }
 TAIL_BYTES = 4096
+# Health checks answer without an API key.
+OPEN_PATHS = frozenset({"/", "/healthz"})
 _COUNTERS = {
     name: re.compile(rf'"{name}"\s*:\s*(\d+)')
     for name in (
@@ -72,7 +75,11 @@ def error_response(request: web.Request, e: ProxyError) -> web.Response:
     """Ollama's error shape on native paths; OpenAI's on /v1, as Ollama itself answers."""
     body: dict[str, Any]
     if request.path.startswith("/v1/"):
-        kind = {404: "not_found_error", 400: "invalid_request_error"}.get(e.status, "api_error")
+        kind = {
+            400: "invalid_request_error",
+            401: "authentication_error",
+            404: "not_found_error",
+        }.get(e.status, "api_error")
         body = {"error": {"message": e.message, "type": kind, "param": None, "code": None}}
     else:
         body = {"error": e.message}
@@ -135,10 +142,30 @@ class Proxy:
             pass
         return self.in_flight
 
+    def _authorized(self, request: web.Request) -> bool:
+        keys = self.cfg.proxy.api_keys
+        if not keys or request.path in OPEN_PATHS:
+            return True
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip().encode()
+        # Compare with every key, in constant time, so timing tells nothing about a key.
+        return any([hmac.compare_digest(given, k.encode()) for k in keys])
+
     @web.middleware
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        if not self._authorized(request):
+            return error_response(
+                request,
+                ProxyError(
+                    401,
+                    "unauthorized: send `Authorization: Bearer KEY` with a key from proxy.api_keys",
+                    {"WWW-Authenticate": "Bearer"},
+                ),
+            )
         if self.draining:
             return error_response(
                 request, ProxyError(503, "llmd is shutting down", {"Connection": "close"})

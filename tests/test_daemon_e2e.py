@@ -605,3 +605,22 @@ def test_root_and_head_answer_like_ollama(daemon: Factory) -> None:
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
     assert d.get("/api/version")["version"]
+
+
+def test_api_keys_are_required_when_configured(daemon: Factory) -> None:
+    """With proxy.api_keys set, requests need `Authorization: Bearer KEY`; health checks don't."""
+    d = daemon(sections={"proxy": {"api_keys": ["s3cret-key-1", "s3cret-key-2"]}}).start()
+    status, body = post(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})
+    assert status == 401 and "proxy.api_keys" in body["error"]
+    with urllib.request.urlopen(d.url + "/", timeout=10) as r:
+        assert r.status == 200
+    with openai.OpenAI(base_url=d.url + "/v1", api_key="s3cret-key-2") as c:
+        r = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content
+    with (
+        openai.OpenAI(base_url=d.url + "/v1", api_key="wrong-key-123") as c,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        c.models.list()
+    with closing(ollama.Client(host=d.url, headers={"Authorization": "Bearer s3cret-key-1"})) as o:
+        assert TINY in {m.model for m in o.list().models}
