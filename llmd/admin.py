@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from llmd.config import normalize_model
 from llmd.lifecycle import LoadError
 
 if TYPE_CHECKING:
@@ -97,9 +96,10 @@ class Admin:
         try:
             m = await self.d.lifecycle.load(name, child, reason="llmctl load")
         except LoadError as e:
-            raise AdminError(
-                502 if e.status >= 500 else e.status, "load_failed", e.message
-            ) from None
+            # No room in GPU memory keeps its 503 (try again later); a child's failure is 502.
+            status = e.status if e.status < 500 or e.retry_after_s else 502
+            code = "no_room" if e.retry_after_s else "load_failed"
+            raise AdminError(status, code, e.message) from None
         return web.json_response(
             {"model": name, "backend": child.name, "state": m.state.value, "load_s": m.last_load_s}
         )
@@ -139,7 +139,7 @@ class Admin:
             raise AdminError(400, "bad_request", "limit must be an integer") from None
         model = request.query.get("model")
         events = await self.d.store.events(
-            limit=limit, model=normalize_model(model) if model else None
+            limit=limit, model=self.d.resolve(model) if model else None
         )
         return web.json_response({"events": events})
 

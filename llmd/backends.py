@@ -82,8 +82,10 @@ class Backends:
         self.cfg = new
         notes = []
         for b in removed + changed:
-            child = self.children.pop(b.name)
+            # Stopped before it leaves the set: meanwhile its requests get 503 + Retry-After.
+            child = self.children[b.name]
             await child.stop()
+            del self.children[b.name]
             if self._on_exit is not None:  # whatever it had loaded is gone
                 self._on_exit(child, "stopped by a reload")
             self._tasks.pop(b.name, None)
@@ -112,9 +114,11 @@ class Backends:
                 return c
         return None
 
-    def first(self) -> Child:
+    def first(self) -> Child | None:
         """The first child in config order, running or not."""
-        return self.children[self.cfg.backends[0].name]
+        return next(
+            (self.children[b.name] for b in self.cfg.backends if b.name in self.children), None
+        )
 
     def configured_owner(self, model: str) -> Child | None:
         """The child a [[model]] entry names, if any."""
@@ -140,8 +144,11 @@ class Backends:
 
     def _from_tags(self, model: str) -> Child | None:
         for b in self.cfg.backends:
-            if any(t.get("name") == model for t in self._tags.get(b.name, [])):
-                return self.children.get(b.name)
+            child = self.children.get(b.name)
+            if child is not None and any(
+                t.get("name") == model for t in self._tags.get(b.name, [])
+            ):
+                return child
         return None
 
     async def refresh_tags(self) -> None:
@@ -172,13 +179,16 @@ class Backends:
         """The last /api/tags models seen on a backend."""
         return self._tags.get(backend, [])
 
-    async def fetch_json(self, child: Child, path: str) -> Any:
-        """GET a JSON document from a child."""
+    async def fetch_json(self, child: Child, path: str) -> dict[str, Any]:
+        """GET a JSON object from a child (ValueError if it is not one)."""
         async with self._session.get(
             child.url + path, timeout=aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
         ) as r:
             r.raise_for_status()
-            return await r.json(content_type=None)
+            doc = await r.json(content_type=None)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path} of backend {child.name}: expected a JSON object")
+        return doc
 
 
 def stop_stale_children(b: BackendConfig, instance: str) -> None:

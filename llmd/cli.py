@@ -156,7 +156,7 @@ async def _unload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
 
 async def _pin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     doc = await c.pin(a.model)
-    return doc, f"{doc['model']} pinned: it stays loaded until unpinned"
+    return doc, f"{doc['model']} pinned: once loaded, it stays loaded until unpinned"
 
 
 async def _unpin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:

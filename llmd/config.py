@@ -12,6 +12,16 @@ from typing import Any, TypeVar
 
 DEFAULT_PATH = Path("/etc/llmd/llmd.toml")
 FIRST_BACKEND_PORT = 11435
+# Environment llmd sets for every child; a backend's env may not override it.
+OWNED_ENV = frozenset(
+    {
+        "OLLAMA_HOST",
+        "OLLAMA_KEEP_ALIVE",
+        "OLLAMA_MAX_LOADED_MODELS",
+        "CUDA_VISIBLE_DEVICES",
+        "LLMD_BACKEND",
+    }
+)
 
 T = TypeVar("T")
 
@@ -294,6 +304,13 @@ def _int(v: object) -> int:
     return v
 
 
+def _positive_int(v: object) -> int:
+    n = _int(v)
+    if n < 1:
+        raise ValueError(f"expected an integer of at least 1, got {n}")
+    return n
+
+
 def _fraction(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
         raise ValueError(f"expected a fraction between 0 and 1, got {v!r}")
@@ -410,7 +427,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         admin_socket=lambda v: Path(_str(v)),
         log_level=_choice("debug", "info", "warning", "error"),
         shutdown_timeout=_positive_duration,
-        retention_days=_int,
+        retention_days=_positive_int,
     )
     proxy = _read_dataclass(
         file,
@@ -476,12 +493,21 @@ def _read_backend(file: Path, i: int, table: object) -> BackendConfig:
     sec = _Section(file, f"backend[{i}]", table)
     name = sec.require("name", _str)
     port = sec.get("port", FIRST_BACKEND_PORT + i, _port)
+    no_env: dict[str, str] = {}
+    env = sec.get("env", no_env, _env)
+    owned = sorted(set(env) & OWNED_ENV)
+    if owned:
+        raise sec.fail(
+            "env",
+            f"{owned[0]} is set by llmd itself (use backend.port, backend.gpus; llmd owns "
+            "keep-alive and eviction), remove it",
+        )
     b = BackendConfig(
         name=name,
         port=port,
         command=sec.get("command", BackendConfig.command, _command),
         gpus=sec.get("gpus", None, _gpus),
-        env=sec.get("env", {}, _env),
+        env=env,
         start_timeout=sec.get("start_timeout", BackendConfig.start_timeout, _positive_duration),
         stop_timeout=sec.get("stop_timeout", BackendConfig.stop_timeout, _positive_duration),
     )
@@ -532,6 +558,12 @@ def _check_whole(cfg: Config) -> None:
         )
     if g.low_watermark >= g.high_watermark:
         raise ConfigError(file, "gpu.low_watermark", "must be below gpu.high_watermark")
+    if g.probe == "ollama" and g.total is None:
+        raise ConfigError(
+            file,
+            "gpu.total",
+            'is required with gpu.probe = "ollama" (the GPU memory, e.g. "24GiB")',
+        )
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, int] = {cfg.proxy.port: -1}
     for i, b in enumerate(cfg.backends):

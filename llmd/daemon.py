@@ -57,6 +57,7 @@ class Daemon:
         self._spawn = spawn
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self._stopping = False
         self._started_at = time.time()
         self.exit_code = 0
@@ -192,6 +193,7 @@ class Daemon:
             tg.create_task(self.notifier.run_watchdog(), name="watchdog"),
             tg.create_task(self._report_status(), name="status"),
             tg.create_task(self._startup(), name="startup"),
+            tg.create_task(self.lifecycle.run_reconcile(), name="reconcile"),
             tg.create_task(self.memory.run_pressure(), name="gpu-pressure"),
         ]
         store_stop = asyncio.Event()
@@ -201,10 +203,10 @@ class Daemon:
         # Shutdown: stop taking requests, drain, stop children, flush the store.
         self.notifier.notify("STOPPING=1")
         timeout = self.cfg.daemon.shutdown_timeout
-        left = await self.proxy.wait_idle(timeout)
+        left = await self.proxy.drain(timeout)
         if left:
             log.warning(
-                "shutdown: %d request(s) still in flight after %gs; cancelling them", left, timeout
+                "shutdown: cancelled %d request(s) still in flight after %gs", left, timeout
             )
         for t in loops:
             t.cancel()
@@ -227,7 +229,6 @@ class Daemon:
         self.notifier.notify("READY=1", f"STATUS={self.summary()}")
         log.info("llmd %s ready: %s", __version__, self.summary())
         await self.lifecycle.preload()
-        await self.lifecycle.run_reconcile()
 
     def _on_stop_signal(self, name: str) -> None:
         if self._stopping:
@@ -268,6 +269,10 @@ class Daemon:
 
     async def reload(self) -> tuple[bool, list[str]]:
         """Re-read the config file and apply the difference; keep the old config if invalid."""
+        async with self._reload_lock:  # SIGHUP and `llmctl reload` one after the other
+            return await self._reload()
+
+    async def _reload(self) -> tuple[bool, list[str]]:
         self.notifier.notify("RELOADING=1", _monotonic_usec())
         try:
             try:
@@ -282,6 +287,12 @@ class Daemon:
                 ("daemon.admin_socket", self.cfg.daemon.admin_socket, new.daemon.admin_socket),
                 ("daemon.state_dir", self.cfg.daemon.state_dir, new.daemon.state_dir),
                 ("gpu.probe", self.cfg.gpu.probe, new.gpu.probe),
+                ("gpu.total", self.cfg.gpu.total, new.gpu.total),
+                (
+                    "daemon.retention_days",
+                    self.cfg.daemon.retention_days,
+                    new.daemon.retention_days,
+                ),
             ):
                 if old_v != new_v:
                     notes.append(f"{what} changed: restart llmd to apply it")
@@ -311,6 +322,17 @@ class Daemon:
 
     async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
         """Pin or unpin a model at run time; the pin persists across restarts."""
+        mc = self.cfg.model(name)
+        if not pinned and mc is not None and mc.pin:
+            i = self.cfg.models.index(mc)
+            raise AdminError(
+                409,
+                "pinned_in_config",
+                f"{name} is pinned in {self.cfg.path} (model[{i}].pin): set pin = false there "
+                "and run llmctl reload",
+            )
+        if pinned and mc is None and await self.backends.locate(name) is None:
+            raise AdminError(404, "not_found", f"model '{name}' not found on any backend")
         if pinned:
             err = await self.memory.pinned_fit_error(self.cfg, extra=name)
             if err is not None:
@@ -395,10 +417,8 @@ class Daemon:
                 continue
             mc = self.cfg.model(name)
             m = self.lifecycle.models.get(name)
-            child = self.backends.children.get(backend or "")
-            if m is None and child is not None:
-                m = self.lifecycle.model(name, child)
-            ka = self.lifecycle.keep_alive_of(m) if m is not None else None
+            # A model never used yet: what its keep-alive would be, without recording it.
+            ka = self.lifecycle.keep_alive_of(m if m is not None else Model(name, backend or ""))
             out.append(
                 {
                     "name": name,
@@ -407,7 +427,7 @@ class Daemon:
                     "priority": mc.priority if mc else config.ModelConfig.priority,
                     "pinned": bool((mc and mc.pin) or name in pins),
                     "aliases": list(mc.aliases) if mc else [],
-                    "keep_alive_s": ka.seconds if ka else None,
+                    "keep_alive_s": ka.keep_alive_s if ka else None,
                     "keep_alive_source": ka.source if ka else None,
                     "keep_alive_samples": ka.samples if ka else 0,
                     "keep_alive_percentile": ka.percentile if ka else None,

@@ -26,6 +26,7 @@ log = logging.getLogger("llmd.lifecycle")
 LOAD_TIMEOUT_S = 600.0
 DEFAULT_PRIORITY = ModelConfig.priority
 UNLOAD_CONFIRM_S = 15.0
+UNLOAD_TIMEOUT_S = 30.0  # Ollama answers an unload at once; a hung child must not stall timers
 RECONCILE_INTERVAL_S = 5.0
 # Runner options that make Ollama reload a model (api/types.go api.Runner): a shared load
 # passes them along so the request that follows does not reload it again.
@@ -59,18 +60,8 @@ class EventSink(Protocol):
     ) -> None: ...
 
 
-@dataclass(frozen=True)
-class KeepAlive:
-    """A model's current keep-alive and where it comes from."""
-
-    seconds: float | None  # None = forever
-    source: str  # pinned | fixed | default | adaptive | fallback
-    samples: int = 0
-    percentile: float | None = None
-    prewarm_after_s: float | None = None  # reload this long after going idle...
-    prewarm_expire_s: float | None = None  # ...and unload again this long after, if unused
-
-
+# A model's current keep-alive and where it comes from (pinned, fixed, default, adaptive...).
+KeepAlive = policy.KeepAliveDecision
 KeepAliveFn = Callable[["Model"], KeepAlive]
 
 
@@ -133,18 +124,18 @@ def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
     def decide(m: Model) -> KeepAlive:
         mc = cfg.model(m.name)
         if (mc is not None and mc.pin) or m.name in history.pins():
-            return KeepAlive(None, "pinned")
+            return policy.pinned_decision()
         mode = mc.keep_alive if mc is not None else None
         if isinstance(mode, float):
-            return KeepAlive(mode, "fixed")
+            return policy.fixed_decision(mode)
         if mode is None and k.policy == "fixed":
-            return KeepAlive(k.default, "default")
+            return policy.default_decision(k.default)
         facts = history.model_facts(m.name)
         load_s = (facts.load_s if facts is not None and facts.load_s else None) or (
             m.last_load_s or GUESS_LOAD_S
         )
         size = (facts.size or facts.size_vram if facts is not None else None) or m.size
-        d = policy.decide_keep_alive(
+        return policy.decide_keep_alive(
             history.idle_histogram(m.name),
             load_s=load_s,
             size_gb=size / 1e9 if size else GUESS_SIZE_GB,
@@ -154,14 +145,6 @@ def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
             max_s=k.max,
             default_s=k.default,
             prewarm=k.prewarm,
-        )
-        return KeepAlive(
-            d.keep_alive_s,
-            d.source,
-            d.samples,
-            d.percentile,
-            d.prewarm_after_s,
-            d.prewarm_expire_s,
         )
 
     return decide
@@ -226,8 +209,17 @@ class Lifecycle:
     async def lease(
         self, name: str, child: Child, options: dict[str, Any] | None = None
     ) -> AsyncIterator[Lease]:
-        """Hold a model for one request: load it if cold (one shared load), release at the end."""
+        """Hold a model for one request: load it if cold (one shared load), release at the end.
+
+        A model already loaded (or loading) on one child is served there, even if placement
+        would now pick another (pulled there since, or moved by a reload): otherwise a second
+        copy would load behind llmd's back. Use the lease's child.
+        """
         m = self.model(name, child)
+        if m.state is not MState.UNLOADED:
+            current = self.backends.children.get(m.backend)
+            if current is not None and current.running:
+                child = current
         m.in_flight += 1
         m.deadline = None
         m.idle_since = None
@@ -263,7 +255,7 @@ class Lifecycle:
             m.deadline = m.prewarm_expire_at  # pre-warmed for a request that has not come
         else:
             ka = m.keep_alive = self._keep_alive(m)
-            m.deadline = None if ka.seconds is None else idle_since + ka.seconds
+            m.deadline = None if ka.keep_alive_s is None else idle_since + ka.keep_alive_s
             m.prewarm_at = m.prewarm_expire_at = None
             if ka.prewarm_after_s is not None and ka.prewarm_expire_s is not None:
                 m.prewarm_at = idle_since + ka.prewarm_after_s
@@ -302,6 +294,15 @@ class Lifecycle:
         return task
 
     async def _load(self, m: Model, child: Child, runner: dict[str, Any], reason: str) -> float:
+        try:
+            return await self._admit_and_load(m, child, runner, reason)
+        finally:
+            if self.memory is not None:
+                self.memory.release(m.name)  # loaded (the probe sees it) or failed
+
+    async def _admit_and_load(
+        self, m: Model, child: Child, runner: dict[str, Any], reason: str
+    ) -> float:
         t0 = time.monotonic()
         try:
             for attempt in (1, 2):
@@ -393,9 +394,11 @@ class Lifecycle:
         m.size_vram = 0
         return True
 
-    async def _post(self, child: Child, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async def _post(
+        self, child: Child, path: str, body: dict[str, Any], timeout: float = LOAD_TIMEOUT_S
+    ) -> tuple[int, Any]:
         async with self._session.post(
-            child.url + path, json=body, timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
+            child.url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as r:
             try:
                 data = await r.json(content_type=None)
@@ -445,7 +448,9 @@ class Lifecycle:
         m.deadline = None
         try:
             if child is not None and child.running:
-                await self._post(child, "/api/generate", {"model": m.name, "keep_alive": 0})
+                await self._post(
+                    child, "/api/generate", {"model": m.name, "keep_alive": 0}, UNLOAD_TIMEOUT_S
+                )
                 await self._wait_gone(child, m.name)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("unloading %s on %s failed: %s", m.name, m.backend, e)
@@ -470,7 +475,7 @@ class Lifecycle:
         delay = 0.02
         while time.monotonic() < deadline:
             ps = await self.backends.fetch_json(child, "/api/ps")
-            if not any(e.get("name") == name for e in ps.get("models") or []):
+            if not any(e.get("name") == name for e in (ps or {}).get("models") or []):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -505,8 +510,8 @@ class Lifecycle:
                         "unload requested"
                         if m.unload_when_idle
                         else (
-                            f"idle past its keep-alive of {_fmt_s(ka.seconds)} ({ka.source})"
-                            if ka is not None and ka.seconds is not None
+                            f"idle past its keep-alive of {_fmt_s(ka.keep_alive_s)} ({ka.source})"
+                            if ka is not None and ka.keep_alive_s is not None
                             else "idle"
                         )
                     )
@@ -593,7 +598,8 @@ class Lifecycle:
                 self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (child gone)
                 m.deadline = None
                 m.size_vram = 0
-        self._generations[child.name] = child.generation
+        # Handled: reconcile records the new child's generation without resetting it again.
+        self._generations.pop(child.name, None)
 
     async def preload(self) -> None:
         """Load `preload = true` models at startup, most important first."""
@@ -608,10 +614,12 @@ class Lifecycle:
                 await self.load(mc.name, child, reason="preload")
             except LoadError as e:
                 log.error("preload of %s failed: %s", mc.name, e.message)
+            except Exception:  # the next model's preload and the daemon go on regardless
+                log.exception("preload of %s failed", mc.name)
 
     async def close(self) -> None:
         """Cancel loads still under way."""
-        for m in self.models.values():
+        for m in list(self.models.values()):
             if m.load_task is not None and not m.load_task.done():
                 m.load_task.cancel()
                 with contextlib.suppress(BaseException):

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from llmd import gpu, policy
+from llmd import gpu, planner, policy
 from llmd.config import Config
-from llmd.lifecycle import DEFAULT_PRIORITY, MState
+from llmd.lifecycle import DEFAULT_PRIORITY, Model, MState
 from llmd.process import Child
 
 if TYPE_CHECKING:
-    from llmd.lifecycle import Lifecycle, Model
+    from llmd.lifecycle import Lifecycle
     from llmd.store import Store
 
 log = logging.getLogger("llmd.memory")
@@ -75,6 +75,9 @@ class Memory:
         self._session = session
         self._clock = clock
         self._estimates: dict[str, Footprint] = {}
+        # Loads admitted but not yet seen by the probe: name -> (bytes, GPU indexes). Without
+        # this, two cold models requested at once would both be admitted into the same memory.
+        self._reserved: dict[str, tuple[int, frozenset[int]]] = {}
         self._changed = asyncio.Event()
         self.lifecycle: Lifecycle
 
@@ -112,18 +115,33 @@ class Memory:
                 return ctx
         return BIG_CONTEXT
 
+    def known_footprint(self, name: str, m: Model | None, backend: str | None) -> Footprint | None:
+        """What is known without asking a child: measured, an earlier estimate, else the size
+        table from the model's /api/tags details."""
+        # Ollama's /api/ps `size` is the whole model, whatever part of it sat on the GPU.
+        if m is not None and m.size:
+            return Footprint(m.size, "measured")
+        facts = self.store.model_facts(name)
+        if facts is not None and (facts.size or facts.size_vram):
+            return Footprint(facts.size or facts.size_vram or 0, "measured")
+        if name in self._estimates:
+            return self._estimates[name]
+        tags = self.lifecycle.backends.tags(backend or "")
+        details = next((t.get("details") or {} for t in tags if t.get("name") == name), {})
+        size, quant = details.get("parameter_size"), details.get("quantization_level")
+        if isinstance(size, str) and isinstance(quant, str):
+            table = planner.table_footprint(size, quant)
+            if table is not None:
+                return Footprint(table, "table")
+        return None
+
     async def footprint(
         self, m: Model, child: Child, devices: list[gpu.Device], options: dict[str, Any]
     ) -> Footprint:
         """Measured size from the model's last full load, else an estimate, else the table."""
-        # Ollama's /api/ps `size` is the whole model, whatever part of it sat on the GPU.
-        if m.size:
-            return Footprint(m.size, "measured")
-        facts = self.store.model_facts(m.name)
-        if facts is not None and (facts.size or facts.size_vram):
-            return Footprint(facts.size or facts.size_vram or 0, "measured")
-        if m.name in self._estimates:
-            return self._estimates[m.name]
+        known = self.known_footprint(m.name, m, child.name)
+        if known is not None and known.basis != "table":
+            return known
         est = await self._estimate(m.name, child, devices, options)
         if est.basis != "unknown":  # not pulled yet, perhaps: ask again next time
             self._estimates[m.name] = est
@@ -149,37 +167,62 @@ class Memory:
                 show = await r.json(content_type=None) if r.status == 200 else {}
         except (aiohttp.ClientError, TimeoutError, ValueError):
             show = {}
-        parallel = int(child.cfg.env.get("OLLAMA_NUM_PARALLEL", "1") or 1)
+        try:
+            parallel = max(1, int(child.cfg.env.get("OLLAMA_NUM_PARALLEL", "1") or 1))
+        except ValueError:
+            parallel = 1  # Ollama falls back to its default on a bad value too
         ctx = self.num_ctx(child, devices, options)
-        est = gpu.estimate_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
+        est = gpu.estimate_footprint(
+            show if isinstance(show, dict) else {},
+            num_ctx=ctx,
+            num_parallel=parallel,
+            file_size=file_size,
+        )
         if est is not None:
             return Footprint(est, "estimated")
-        table = gpu.model_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
+        table = self.known_footprint(name, None, child.name)
         if table is not None:
-            return Footprint(table, "table")
+            return table
         return Footprint(file_size or 0, "unknown")
 
     # -- admission --------------------------------------------------------------------------------
 
-    def _room(self, devices: Iterable[gpu.Device], child: Child | None = None) -> int:
-        """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve.
+    def _room(
+        self, devices: Iterable[gpu.Device], child: Child | None = None, exclude: str = ""
+    ) -> int:
+        """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve
+        and less what loads admitted but not yet visible to the probe will take.
 
-        With another model already loaded in the same child, Ollama itself evicts unless the
-        newcomer needs at most 80% of the free memory (server/sched.go pre-flight check), so
-        llmd keeps within that too and Ollama never evicts on its own.
+        With another model already in the same child, Ollama itself evicts unless the newcomer
+        needs at most 80% of the free memory (server/sched.go pre-flight check), so llmd keeps
+        within that too and Ollama never evicts on its own.
         """
         g = self.cfg.gpu
         devices = list(devices)
-        room = sum(
-            max(0, int(d.total_bytes * g.high_watermark) - g.reserve - d.used_bytes)
-            for d in devices
+        indexes = {d.index for d in devices}
+        reserved = sum(
+            size for name, (size, on) in self._reserved.items() if name != exclude and on & indexes
+        )
+        room = (
+            sum(
+                max(0, int(d.total_bytes * g.high_watermark) - g.reserve - d.used_bytes)
+                for d in devices
+            )
+            - reserved
         )
         if child is not None and any(
-            m.backend == child.name and m.state is MState.LOADED
+            m.backend == child.name
+            and m.name != exclude
+            and m.state in (MState.LOADED, MState.LOADING)
             for m in self.lifecycle.models.values()
         ):
-            room = min(room, int(OLLAMA_PREFLIGHT * sum(d.free_bytes for d in devices)))
-        return room
+            free = sum(d.free_bytes for d in devices) - reserved
+            room = min(room, int(OLLAMA_PREFLIGHT * free))
+        return max(room, 0)
+
+    def release(self, name: str) -> None:
+        """A load admitted earlier has finished or failed: the probe now sees what it took."""
+        self._reserved.pop(name, None)
 
     def _candidates(self, devices: list[gpu.Device], exclude: str) -> list[policy.Candidate]:
         """Loaded models that share any of these GPUs."""
@@ -228,15 +271,15 @@ class Memory:
             return None  # no probe, or it sees no GPU: admission is off
         mc = self.cfg.model(m.name)
         fp = await self.footprint(m, child, devices, options)
-        if mc is not None and mc.allow_cpu_spill:
-            return fp
+        spill_ok = mc is not None and mc.allow_cpu_spill
         priority = mc.priority if mc else DEFAULT_PRIORITY
         preempt = bool(mc and mc.preempt)
         started = self._clock()
         deadline = started + self.cfg.gpu.admission_timeout
         while True:
-            room = self._room(devices, child)
+            room = self._room(devices, child, exclude=m.name)
             if fp.bytes <= room:
+                self._reserved[m.name] = (fp.bytes, frozenset(d.index for d in devices))
                 return fp
             if not may_evict:
                 raise NoRoom(f"{m.name} does not fit in free GPU memory", 1)
@@ -244,6 +287,8 @@ class Memory:
             victims = policy.choose_victims(
                 cands, fp.bytes - room, requester_priority=priority, preempt=preempt
             )
+            if victims is None and spill_ok:
+                return fp  # allowed to run partly on the CPU: no waiting for room
             if victims is None:
                 # Only more important idle models could make room. Waiting costs this request;
                 # evicting costs their likely next request: wait until the two are equal
@@ -256,7 +301,7 @@ class Memory:
                     f"to make room for {m.name} (needs {_gib(fp.bytes)}, {fp.basis}; "
                     f"{_gib(room)} free on {self._where(devices)})"
                 )
-                await self._evict(victims, why)
+                await self._evict(victims, why, preempt=preempt)
                 snap = await self._await_recovery(devices, fp.bytes)
                 devices = self.devices_of(child, snap)
                 continue
@@ -276,12 +321,16 @@ class Memory:
     def _where(self, devices: list[gpu.Device]) -> str:
         return ", ".join(f"GPU {d.index}" for d in devices)
 
-    async def _evict(self, names: list[str], why: str) -> None:
+    async def _evict(self, names: list[str], why: str, *, preempt: bool = False) -> None:
+        """Evict the chosen models; one that became busy meanwhile is kept unless preempting
+        (the caller then looks again)."""
         for name in names:
             m = self.lifecycle.models.get(name)
-            if m is not None and m.state is MState.LOADED and m.in_flight == 0:
+            if m is None or m.state is not MState.LOADED:
+                continue
+            if m.in_flight == 0:
                 await self.lifecycle.evict(m, why)
-            elif m is not None and m.state is MState.LOADED:
+            elif preempt:
                 await self.lifecycle.evict(m, why + "; preempted while busy")
 
     async def _await_recovery(self, devices: list[gpu.Device], need: int) -> gpu.GpuSnapshot:
@@ -380,7 +429,7 @@ class Memory:
             child = await self.lifecycle.backends.locate(name)
             if child is None or not child.running:
                 continue
-            m = self.lifecycle.model(name, child)
+            m = self.lifecycle.models.get(name) or Model(name, child.name)  # a read: record nothing
             fp = await self.footprint(m, child, self.devices_of(child, snap), {})
             if fp.bytes:
                 sizes[name] = fp.bytes

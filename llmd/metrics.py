@@ -30,6 +30,11 @@ class Histogram:
         self.sums[labels] = self.sums.get(labels, 0.0) + value
 
 
+def _num(v: float) -> str:
+    """Exact integers (counters, bytes), full-precision floats: never 1.23457e+06."""
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -74,7 +79,7 @@ class Metrics:
         def family(name: str, kind: str, help: str, rows: Iterable[tuple[str, float]]) -> None:
             out.append(f"# HELP {name} {help}")
             out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {value:g}" for labels, value in rows)
+            out.extend(f"{name}{labels} {_num(value)}" for labels, value in rows)
 
         def hist(name: str, help: str, h: Histogram) -> None:
             out.append(f"# HELP {name} {help}")
@@ -84,7 +89,7 @@ class Metrics:
                 for bound, c in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
                     acc += c
                     out.append(f"{name}_bucket{_labels(('model', 'le'), (*labels, bound))} {acc}")
-                out.append(f"{name}_sum{_labels(('model',), labels)} {h.sums[labels]:g}")
+                out.append(f"{name}_sum{_labels(('model',), labels)} {_num(h.sums[labels])}")
                 out.append(f"{name}_count{_labels(('model',), labels)} {acc}")
 
         lab: Callable[..., str] = lambda names, *values: _labels(names, values)  # noqa: E731
@@ -146,7 +151,7 @@ class Metrics:
             (
                 (
                     lab(("model", "source"), m.name, ka.source),
-                    -1 if ka.seconds is None else ka.seconds,
+                    -1 if ka.keep_alive_s is None else ka.keep_alive_s,
                 )
                 for m in models
                 for ka in [d.lifecycle.keep_alive_of(m)]

@@ -238,17 +238,5 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def pinned_fit(pinned: Sequence[tuple[str, int]], capacity_bytes: int) -> str | None:
-    """None if the pinned models fit in capacity_bytes together, else a message naming them."""
-    total = sum(size for _, size in pinned)
-    if total <= capacity_bytes:
-        return None
-    each = ", ".join(f"{name} ({_gib(size)})" for name, size in pinned)
-    return (
-        f"pinned models need {_gib(total)} together but the GPUs hold {_gib(capacity_bytes)}: "
-        f"{each}"
-    )
-
-
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.1f} GiB"

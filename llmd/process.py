@@ -33,6 +33,8 @@ PROBE_FAILURES_BEFORE_RESTART = 3
 CHILD_MARKER = "LLMD_BACKEND"
 # Children get so many model slots that Ollama never evicts by count: llmd decides instead.
 MAX_LOADED_MODELS = "64"
+# Longest child log line kept whole (OLLAMA_DEBUG can log whole prompts).
+LINE_LIMIT = 1024 * 1024
 
 
 class State(enum.Enum):
@@ -74,6 +76,7 @@ async def default_spawn(argv: list[str], env: Mapping[str, str]) -> asyncio.subp
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_parent,
+        limit=LINE_LIMIT,
     )
 
 
@@ -309,7 +312,11 @@ class Child:
         assert proc.stdout is not None
         child_log = logging.getLogger(f"llmd.backend.{self.name}")
         while True:
-            line = await proc.stdout.readline()
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line longer than the stream's limit: it was dropped
+                child_log.info("[%s] (a log line over %d bytes, left out)", self.name, LINE_LIMIT)
+                continue
             if not line:
                 return
             child_log.info("[%s] %s", self.name, line.decode(errors="replace").rstrip())

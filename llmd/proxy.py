@@ -110,6 +110,7 @@ class Proxy:
         self._metrics = metrics
         self.in_flight = 0
         self.draining = False
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -133,14 +134,20 @@ class Proxy:
         r.add_route("*", "/{tail:.*}", self._passthrough)
         return app
 
-    async def wait_idle(self, timeout: float) -> int:
-        """Stop taking requests and wait for in-flight ones; return how many were left."""
+    async def drain(self, timeout: float) -> int:
+        """Stop taking requests, wait for in-flight ones, then cancel what is left; return how
+        many were cancelled."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             pass
-        return self.in_flight
+        left = list(self._handlers)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=5)
+        return len(left)
 
     def _authorized(self, request: web.Request) -> bool:
         keys = self.cfg.proxy.api_keys
@@ -172,11 +179,21 @@ class Proxy:
             )
         self.in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             return await handler(request)
         except ProxyError as e:
             return error_response(request, e)
+        except (web.HTTPException, asyncio.CancelledError):
+            raise
+        except Exception as e:  # answer in the client's API shape, not aiohttp's plain text
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(request, ProxyError(500, f"llmd: {type(e).__name__}: {e}"))
         finally:
+            if task is not None:
+                self._handlers.discard(task)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
@@ -314,7 +331,8 @@ class Proxy:
         t0 = time.time()
         try:
             async with self.lifecycle.lease(name, child, options) as lease:
-                return await self._forward(request, child, json.dumps(body).encode(), lease, t0)
+                data = json.dumps(body).encode()
+                return await self._forward(request, lease.child, data, lease, t0)
         except LoadError as e:
             self._record_req(name, request.path, e.status, t0, None, True, None, b"")
             retry = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None
@@ -438,6 +456,9 @@ class Proxy:
         except aiohttp.ServerDisconnectedError:
             status = 502
             raise ProxyError(502, f"backend {child.name!r} closed the connection") from None
+        except aiohttp.ClientError as e:
+            status = 502
+            raise ProxyError(502, f"backend {child.name!r} failed: {e}") from None
         finally:
             if lease is not None:
                 self._record_req(

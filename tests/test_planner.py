@@ -11,7 +11,6 @@ from llmd.planner import (
     PlanModel,
     add_arguments,
     parse_model_arg,
-    pinned_fit,
     plan,
     render,
     table_footprint,
@@ -217,12 +216,3 @@ def test_table_footprint(parameter_size: str, quant: str, expected_gb: float | N
     """Ollama details map onto the table (+18%), scaled by parameter count; unknown quants None."""
     got = table_footprint(parameter_size, quant)
     assert got == (None if expected_gb is None else round(expected_gb * 10**9))
-
-
-def test_pinned_fit() -> None:
-    """Pinned models that fit give None; otherwise the message names them and both totals."""
-    assert pinned_fit([("a", 10 * GiB), ("b", 14 * GiB)], 24 * GiB) is None
-    assert pinned_fit([], 0) is None
-    assert pinned_fit([("a", 20 * GiB), ("b", 5 * GiB + GiB // 2)], 24 * GiB) == (
-        "pinned models need 25.5 GiB together but the GPUs hold 24.0 GiB: a (20.0 GiB), b (5.5 GiB)"
-    )
