@@ -306,3 +306,30 @@ def test_llmctl_plan_from_running_daemon(gpu_daemon: Factory) -> None:
     vram = {m["name"]: m["vram_gb"] for m in plan["vram"]}
     assert vram[CHAT] == pytest.approx(5.17, abs=0.02)  # measured, no overhead added
     assert vram[SMALL] == pytest.approx(4.06, abs=0.02)
+
+
+def test_concurrent_cold_loads_do_not_share_memory(gpu_daemon: Factory) -> None:
+    """Two cold models requested at once on a GPU that holds only one: the second waits for
+    the first's memory to be accounted for, then evicts it when idle; neither spills."""
+    small_gpu = {"index": 0, "name": "NVIDIA GeForce RTX 3080", "total_mib": 10 * 1024}
+    d = gpu_daemon(
+        [{"name": CHAT, "priority": 2}, {"name": CODE, "priority": 2}],
+        gpu={"admission_timeout": "20s"},
+    )
+    d.gpu_file.write_text(json.dumps({"devices": [small_gpu]}))
+    results: dict[str, int] = {}
+
+    def go(model: str) -> None:
+        results[model] = generate(d.url, model)[0]
+
+    with SpillWatch(d.backend_url(0)) as watch:
+        threads = [threading.Thread(target=go, args=(m,)) for m in (CHAT, CODE)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == {CHAT: 200, CODE: 200}
+    assert watch.partial == []
+    assert len(ps(d.backend_url(0))) == 1  # one at a time fits; the other was evicted for it
+    events = json.loads(d.llmctl("events", "--json").stdout)["events"]
+    assert [e["kind"] for e in events].count("evict") == 1
