@@ -20,7 +20,7 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from llmd import __version__, config, gpu, planner
+from llmd import __version__, config, gpu
 from llmd.admin import API_VERSION, Admin, AdminError, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
@@ -373,21 +373,14 @@ class Daemon:
         }
 
     def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
-        """A model's known GPU footprint for `llmctl plan`: measured, else the size table."""
+        """A model's known GPU footprint for `llmctl plan`, and its quantisation."""
+        fp = self.memory.known_footprint(name, m, backend)
         tag = next((t for t in self.backends.tags(backend or "") if t.get("name") == name), {})
-        details = tag.get("details") or {}
-        quant = details.get("quantization_level")
-        facts = self.store.model_facts(name)
-        if m is not None and m.size:
-            return {"footprint_bytes": m.size, "footprint_basis": "measured", "quant": quant}
-        if facts is not None and (facts.size or facts.size_vram):
-            size = facts.size or facts.size_vram
-            return {"footprint_bytes": size, "footprint_basis": "measured", "quant": quant}
-        table = None
-        if details.get("parameter_size") and quant:
-            table = planner.table_footprint(details["parameter_size"], quant)
-        basis = "table" if table else None
-        return {"footprint_bytes": table, "footprint_basis": basis, "quant": quant}
+        return {
+            "footprint_bytes": fp.bytes if fp else None,
+            "footprint_basis": fp.basis if fp else None,
+            "quant": (tag.get("details") or {}).get("quantization_level"),
+        }
 
     def _gpu_doc(self) -> dict[str, Any] | None:
         snap = self.memory.snapshot
