@@ -459,7 +459,9 @@ def _port_in_use_message(listen: str, port: int, e: OSError) -> str:
             if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
                 proc = psutil.Process(c.pid)
                 holder = f"{proc.name()} (pid {c.pid})"
-                if proc.name() == "ollama":
+                # The binary, or an `ollama serve` started through a wrapper or interpreter.
+                argv0 = [Path(a).name for a in proc.cmdline()[:2]]
+                if proc.name() == "ollama" or "ollama" in argv0:
                     return (
                         f"port {port} (proxy.listen) is held by ollama (pid {c.pid}), probably "
                         "Ollama's own service: llmd runs Ollama itself. Stop and disable it with "

@@ -624,3 +624,17 @@ def test_api_keys_are_required_when_configured(daemon: Factory) -> None:
         c.models.list()
     with closing(ollama.Client(host=d.url, headers={"Authorization": "Bearer s3cret-key-1"})) as o:
         assert TINY in {m.model for m in o.list().models}
+
+
+def test_port_held_by_ollama_says_what_to_do(daemon: Factory, tmp_path: Path) -> None:
+    """If Ollama itself holds the proxy port, llmd exits saying how to make room for it."""
+    from simproc import start_sim
+
+    d = daemon()
+    (tmp_path / "ollama-service").mkdir()
+    with start_sim(tmp_path / "ollama-service", port=d.proxy_port):
+        d.start(wait=False)
+        assert d.proc is not None
+        assert d.proc.wait(30) == 1
+    assert "held by ollama" in d.logs()
+    assert "systemctl disable --now ollama" in d.logs()
