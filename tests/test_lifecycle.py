@@ -9,13 +9,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from llmdproc import free_port
+from simproc import sim_path_env
 
 from llmd import config
 from llmd.backends import Backends
 from llmd.lifecycle import KeepAlive, Lifecycle, Model, MState
 from llmd.policy import KeepAliveDecision
-from llmdproc import free_port
-from simproc import sim_path_env
 
 MODEL = "tiny:1m"
 
