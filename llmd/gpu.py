@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
-from llmd import planner
-
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -672,24 +670,3 @@ def estimate_footprint(
         ctx = min(ctx, trained)
     kv_cache = kv_heads_total * (key_len + value_len) * ctx * num_parallel * KV_BYTES_PER_ELEMENT
     return file_size + kv_cache + OLLAMA_MIN_GPU_RESERVE + GRAPH_SURCHARGE
-
-
-def model_footprint(
-    show: Mapping[str, Any],
-    *,
-    num_ctx: int,
-    num_parallel: int = 1,
-    file_size: int | None = None,
-) -> int | None:
-    """estimate_footprint, else the planner's size table from the show response's details."""
-    estimate = estimate_footprint(
-        show, num_ctx=num_ctx, num_parallel=num_parallel, file_size=file_size
-    )
-    if estimate is not None:
-        return estimate
-    details = show.get("details")
-    if not isinstance(details, Mapping):
-        return None
-    return planner.table_footprint(
-        str(details.get("parameter_size", "")), str(details.get("quantization_level", ""))
-    )

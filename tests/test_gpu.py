@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -607,24 +606,3 @@ def test_estimate_footprint(
 def test_estimate_footprint_missing_info(show: dict[str, Any], file_size: int | None) -> None:
     """Missing file size or model_info keys give None, not a guess."""
     assert gpu.estimate_footprint(show, num_ctx=2048, file_size=file_size) is None
-
-
-def test_model_footprint_falls_back_to_table() -> None:
-    """Without a file size the planner's table (+18%) is the last resort."""
-    show = {
-        "model_info": LLAMA7B,
-        "details": {"parameter_size": "7B", "quantization_level": "Q4_K_M"},
-    }
-    assert gpu.model_footprint(show, num_ctx=2048) == round(4.2 * 1.18 * 10**9)
-    assert gpu.model_footprint(show, num_ctx=2048, file_size=10**9) == 10**9 + GiB + OVERHEAD
-    show["details"]["quantization_level"] = "F16"
-    assert gpu.model_footprint(show, num_ctx=2048) is None
-
-
-async def test_auto_concurrent_first_reads_choose_once() -> None:
-    """Concurrent first reads of the auto probe choose (and init NVML) only once."""
-    nv = FakeNvml(_nvml_devices())
-    probe = gpu.make_probe("auto", nvml=nv, runner=_runner(True))
-    snaps = await asyncio.gather(*(probe.read() for _ in range(5)))
-    assert {s.probe for s in snaps} == {"nvml"} and nv.init_calls == 1
-    await probe.close()
