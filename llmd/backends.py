@@ -151,16 +151,16 @@ class Backends:
                 return child
         return None
 
+    def unlisted(self) -> list[Child]:
+        """Children whose models llmd has never managed to list (starting, or tags failed)."""
+        return [c for name, c in self.children.items() if name not in self._tags]
+
     async def refresh_tags(self) -> None:
         """Re-read /api/tags from every running child; concurrent callers share one scan."""
-        if self._refreshing is None:
-            self._refreshing = asyncio.get_running_loop().create_task(self._scan_tags())
         task = self._refreshing
-        try:
-            await asyncio.shield(task)
-        finally:
-            if task.done() and self._refreshing is task:
-                self._refreshing = None
+        if task is None or task.done():  # a finished scan may predate the caller's question
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._scan_tags())
+        await asyncio.shield(task)
 
     async def _scan_tags(self) -> None:
         running = [c for c in self.children.values() if c.running]
@@ -170,6 +170,8 @@ class Backends:
         for child, res in zip(running, results, strict=True):
             if isinstance(res, dict):
                 self._tags[child.name] = list(res.get("models") or [])
+            else:
+                log.warning("backend %s: could not list its models: %s", child.name, _why(res))
 
     def set_tags(self, backend: str, models: list[dict[str, Any]]) -> None:
         """Record what a backend's /api/tags just said."""
@@ -263,3 +265,8 @@ def _kill_group(proc: psutil.Process) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=2)
+
+
+def _why(e: BaseException) -> str:
+    """An exception as a log reason: aiohttp's TimeoutError has an empty message."""
+    return str(e) or type(e).__name__

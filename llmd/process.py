@@ -162,6 +162,11 @@ class Child:
     def running(self) -> bool:
         return self.state is State.RUNNING
 
+    @property
+    def fatal(self) -> bool:
+        """Given up on: only `llmctl restart` or a reload starts it again."""
+        return self.state is State.FATAL
+
     def status(self) -> ChildStatus:
         backoff = None
         if self.state is State.BACKOFF and self._backoff_until is not None:
@@ -174,7 +179,7 @@ class Child:
         """A client's sensible wait before retrying a request to this child."""
         if self.state is State.BACKOFF and self._backoff_until is not None:
             return max(1, int(self._backoff_until - self._clock() + 0.999))
-        return 5 if self.state is State.STARTING else 30
+        return 5 if self.state in (State.STARTING, State.RUNNING) else 30
 
     async def wait_settled(self) -> None:
         """Wait until the first start has succeeded or failed."""

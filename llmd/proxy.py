@@ -308,10 +308,28 @@ class Proxy:
     async def _owner(self, name: str) -> Child:
         child = await self.backends.locate(name)
         if child is None:
-            raise ProxyError(404, f"model '{name}' not found")
+            raise self._not_found(name)
         if not child.running:
             raise self._no_backend(child)
         return child
+
+    def _not_found(self, name: str) -> ProxyError:
+        """404, unless a backend whose models are not known yet may have it: then 503."""
+        unlisted = self.backends.unlisted()
+        waiting = [c for c in unlisted if not c.fatal]
+        if not waiting:
+            why = f"model '{name}' not found"
+            if unlisted:  # given up on: a client should not wait for it
+                why += f" (backend {unlisted[0].name!r} is fatal, so its models are unknown)"
+            return ProxyError(404, why)
+        c = waiting[0]
+        why = c.status().error or c.status().state
+        return ProxyError(
+            503,
+            f"model '{name}' is not on any backend listed so far; backend {c.name!r} "
+            f"may have it but its models are not known yet ({why})",
+            {"Retry-After": str(c.retry_after_s())},
+        )
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
@@ -358,7 +376,7 @@ class Proxy:
 
     async def _unload(self, request: web.Request, body: dict[str, Any], name: str) -> web.Response:
         if await self.backends.locate(name) is None:
-            raise ProxyError(404, f"model '{name}' not found")
+            raise self._not_found(name)
         outcome = await self.lifecycle.unload(name, reason="client asked (keep_alive: 0)")
         log.info("client unload of %s: %s", name, outcome)
         resp: dict[str, Any] = {"model": name, "created_at": _format_time(time.time())}

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIM_DIR = ROOT / "tests" / "sim"
 SPEED = "100"
 
+# Every daemon started by the current test: tests/conftest.py prints their logs when it fails.
+STARTED: list[Llmd] = []
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago."""
@@ -115,6 +118,7 @@ class Llmd:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        STARTED.append(self)
         if wait:
             self.wait_ready(timeout)
         return self

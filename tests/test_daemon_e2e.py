@@ -276,7 +276,8 @@ def test_sigterm_lets_stream_finish_and_leaves_no_child(daemon: Factory) -> None
     """SIGTERM with a stream in flight: the stream completes, llmd exits 0, no child remains."""
     # 20 tokens/s: the stream lasts most of a second.
     d = daemon(sim_env={"OLLAMA_SIM_SPEED": "0.1"}).start()
-    post(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})  # load
+    status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})
+    assert status == 200  # loaded
     kids = d.descendants()
     assert kids
     req = urllib.request.Request(
@@ -442,8 +443,31 @@ def test_missing_ollama_binary_is_reported(daemon: Factory) -> None:
     assert b["error"] == (
         "ollama-not-installed not found on PATH: install Ollama or set backend.command"
     )
-    status, _ = post(d.url + "/api/generate", {"model": TINY, "prompt": "x"})
-    assert status in (404, 503)
+    status, body = post(d.url + "/api/generate", {"model": TINY, "prompt": "x"})
+    assert status == 404
+    assert body["error"] == (
+        f"model '{TINY}' not found (backend 'b0' is fatal, so its models are unknown)"
+    )
+
+
+def test_model_on_a_backend_still_starting_gets_503_not_404(daemon: Factory) -> None:
+    """Until every backend has listed its models, a model not found yet is 503, then 404."""
+    d = daemon(backends=2, backend_extra=[{}, {"env": {"OLLAMA_SIM_FAULTS": "slow_start=3"}}])
+    d.start(wait=False)
+
+    def states() -> list[str]:
+        r = d.llmctl("status", "--json")  # fails until the admin socket is up
+        return [b["state"] for b in json.loads(r.stdout)["backends"]] if r.returncode == 0 else []
+
+    wait_for(lambda: states() == ["running", "starting"], what="b0 running while b1 starts")
+    status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
+    assert status == 503
+    assert body["error"].startswith(
+        "model 'ghost:1b' is not on any backend listed so far; backend 'b1' may have it"
+    )
+    d.wait_ready()
+    status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
+    assert (status, body["error"]) == (404, "model 'ghost:1b' not found")
 
 
 def test_children_are_not_left_after_clean_stop(daemon: Factory) -> None:
