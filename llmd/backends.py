@@ -44,6 +44,8 @@ class Backends:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tags: dict[str, list[dict[str, Any]]] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        for b in cfg.backends:  # shown as stopped (and their models as not known) until start()
+            self._add_child(b)
 
     # -- lifecycle of the children ----------------------------------------------------------------
 
@@ -55,9 +57,9 @@ class Backends:
     def start(self) -> None:
         """Start a supervisor per backend."""
         for b in self.cfg.backends:
-            self._start_one(b)
+            self._start_one(self.children[b.name])
 
-    def _start_one(self, b: BackendConfig) -> None:
+    def _add_child(self, b: BackendConfig) -> Child:
         child = Child(
             b,
             instance=self.instance,
@@ -66,7 +68,10 @@ class Backends:
             on_exit=self._on_exit,
         )
         self.children[b.name] = child
-        self._tasks[b.name] = self._start_task(child.supervise(), f"supervise-{b.name}")
+        return child
+
+    def _start_one(self, child: Child) -> None:
+        self._tasks[child.name] = self._start_task(child.supervise(), f"supervise-{child.name}")
 
     async def wait_settled(self) -> None:
         """Wait until every child is ready or has failed its first start."""
@@ -91,7 +96,7 @@ class Backends:
             self._tasks.pop(b.name, None)
             self._tags.pop(b.name, None)
         for b in changed + added:
-            self._start_one(b)
+            self._start_one(self._add_child(b))
         for b in added:
             notes.append(f"backend {b.name} added")
         for b in changed:

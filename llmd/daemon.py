@@ -116,7 +116,7 @@ class Daemon:
             self.memory.lifecycle = self.lifecycle
             self.lifecycle.memory = self.memory
             self.lifecycle.on_loaded = self._loaded
-            await self._bind(stack)
+            await self._bind(stack)  # first: a second llmd must fail here, not stop our children
             await asyncio.to_thread(self.backends.stop_stale)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

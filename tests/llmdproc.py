@@ -134,7 +134,10 @@ class Llmd:
             r = self.llmctl("status", "--json")
             if r.returncode == 0:
                 last = json.loads(r.stdout)
-                if all(b["state"] not in ("starting", "stopped") for b in last["backends"]):
+                states = [b["state"] for b in last["backends"]]
+                if len(states) == len(self.arrays["backend"]) and not {"starting", "stopped"} & set(
+                    states
+                ):
                     return last
             time.sleep(0.1)
         raise AssertionError(f"llmd not ready in {timeout}s (last status {last}):\n{self.logs()}")

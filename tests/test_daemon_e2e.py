@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -298,6 +299,19 @@ def test_sigterm_lets_stream_finish_and_leaves_no_child(daemon: Factory) -> None
     assert d.proc.wait(30) == 0
     for k in kids:
         assert not pid_alive(k.pid)
+
+
+def test_second_llmd_on_the_same_config_leaves_the_first_alone(daemon: Factory) -> None:
+    """A second llmd started by mistake fails to bind and stops none of the first one's children."""
+    d = daemon().start()
+    kids = d.descendants()
+    second = dataclasses.replace(d, proc=None).start(wait=False)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 1
+    assert "already in use" in second.logs()
+    assert all(pid_alive(k.pid) for k in kids)
+    assert d.status()["backends"][0]["state"] == "running"
+    assert d.descendants() == kids
 
 
 def test_kill9_of_llmd_leaves_no_child(daemon: Factory) -> None:
