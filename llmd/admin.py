@@ -14,6 +14,7 @@ from aiohttp import web
 from llmd.lifecycle import LoadError
 
 if TYPE_CHECKING:
+    from llmd.backends import Backends
     from llmd.daemon import Daemon
 
 log = logging.getLogger("llmd.admin")
@@ -88,7 +89,7 @@ class Admin:
         name = self._name(request)
         child = await self.d.backends.locate(name)
         if child is None:
-            raise AdminError(404, "not_found", f"model '{name}' not found on any backend")
+            raise not_found(self.d.backends, name)
         if not child.running:
             raise AdminError(
                 503, "backend_unavailable", f"backend {child.name!r} is {child.state.value}"
@@ -107,7 +108,7 @@ class Admin:
     async def unload(self, request: web.Request) -> web.Response:
         name = self._name(request)
         if name not in self.d.lifecycle.models and await self.d.backends.locate(name) is None:
-            raise AdminError(404, "not_found", f"model '{name}' not found on any backend")
+            raise not_found(self.d.backends, name)
         outcome = await self.d.lifecycle.unload(name, reason="llmctl unload")
         return web.json_response({"model": name, "outcome": outcome})
 
@@ -142,6 +143,14 @@ class Admin:
             limit=limit, model=self.d.resolve(model) if model else None
         )
         return web.json_response({"events": events})
+
+
+def not_found(backends: Backends, name: str) -> AdminError:
+    """404, or 503 while a backend that may have the model has not listed its models yet."""
+    child, why = backends.missing(name)
+    if child is None:
+        return AdminError(404, "not_found", why)
+    return AdminError(503, "backend_unavailable", why)
 
 
 def prepare_socket(path: Path) -> None:

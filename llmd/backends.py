@@ -156,9 +156,27 @@ class Backends:
                 return child
         return None
 
-    def unlisted(self) -> list[Child]:
-        """Children whose models llmd has never managed to list (starting, or tags failed)."""
-        return [c for name, c in self.children.items() if name not in self._tags]
+    def missing(self, model: str) -> tuple[Child | None, str]:
+        """Why locate() found no child for a model: the child that may yet have it, and a message.
+
+        The child is None when the model is not there. It is the first child whose models have
+        never been listed (still starting, or its /api/tags failed) unless that child is FATAL:
+        the client should then retry rather than be told the model does not exist."""
+        unlisted = [c for name, c in self.children.items() if name not in self._tags]
+        waiting = [c for c in unlisted if not c.fatal]
+        if waiting:
+            c = waiting[0]
+            why = c.status().error or c.status().state
+            return c, (
+                f"model '{model}' is not on any backend listed so far; backend {c.name!r} "
+                f"may have it but its models are not known yet ({why})"
+            )
+        if unlisted:
+            return None, (
+                f"model '{model}' not found (backend {unlisted[0].name!r} is fatal, "
+                "so its models are unknown)"
+            )
+        return None, f"model '{model}' not found"
 
     async def refresh_tags(self) -> None:
         """Re-read /api/tags from every running child; concurrent callers share one scan."""

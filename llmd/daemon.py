@@ -21,7 +21,14 @@ import psutil
 from aiohttp import web
 
 from llmd import __version__, config, gpu
-from llmd.admin import API_VERSION, Admin, AdminError, prepare_socket, secure_socket
+from llmd.admin import (
+    API_VERSION,
+    Admin,
+    AdminError,
+    not_found,
+    prepare_socket,
+    secure_socket,
+)
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
@@ -332,7 +339,7 @@ class Daemon:
                 "and run llmctl reload",
             )
         if pinned and mc is None and await self.backends.locate(name) is None:
-            raise AdminError(404, "not_found", f"model '{name}' not found on any backend")
+            raise not_found(self.backends, name)
         if pinned:
             err = await self.memory.pinned_fit_error(self.cfg, extra=name)
             if err is not None:

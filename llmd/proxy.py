@@ -315,21 +315,10 @@ class Proxy:
 
     def _not_found(self, name: str) -> ProxyError:
         """404, unless a backend whose models are not known yet may have it: then 503."""
-        unlisted = self.backends.unlisted()
-        waiting = [c for c in unlisted if not c.fatal]
-        if not waiting:
-            why = f"model '{name}' not found"
-            if unlisted:  # given up on: a client should not wait for it
-                why += f" (backend {unlisted[0].name!r} is fatal, so its models are unknown)"
+        child, why = self.backends.missing(name)
+        if child is None:
             return ProxyError(404, why)
-        c = waiting[0]
-        why = c.status().error or c.status().state
-        return ProxyError(
-            503,
-            f"model '{name}' is not on any backend listed so far; backend {c.name!r} "
-            f"may have it but its models are not known yet ({why})",
-            {"Retry-After": str(c.retry_after_s())},
-        )
+        return ProxyError(503, why, {"Retry-After": str(child.retry_after_s())})
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)

@@ -466,7 +466,7 @@ def test_missing_ollama_binary_is_reported(daemon: Factory) -> None:
 
 def test_model_on_a_backend_still_starting_gets_503_not_404(daemon: Factory) -> None:
     """Until every backend has listed its models, a model not found yet is 503, then 404."""
-    d = daemon(backends=2, backend_extra=[{}, {"env": {"OLLAMA_SIM_FAULTS": "slow_start=3"}}])
+    d = daemon(backends=2, backend_extra=[{}, {"env": {"OLLAMA_SIM_FAULTS": "slow_start=4"}}])
     d.start(wait=False)
 
     def states() -> list[str]:
@@ -479,6 +479,8 @@ def test_model_on_a_backend_still_starting_gets_503_not_404(daemon: Factory) -> 
     assert body["error"].startswith(
         "model 'ghost:1b' is not on any backend listed so far; backend 'b1' may have it"
     )
+    r = d.llmctl("load", "ghost:1b")
+    assert r.returncode == 1 and "backend 'b1' may have it" in r.stderr
     d.wait_ready()
     status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
     assert (status, body["error"]) == (404, "model 'ghost:1b' not found")
