@@ -159,14 +159,15 @@ class Backends:
     def missing(self, model: str) -> tuple[Child | None, str]:
         """Why locate() found no child for a model: the child that may yet have it, and a message.
 
-        The child is None when the model is not there. It is the first child whose models have
-        never been listed (still starting, or its /api/tags failed) unless that child is FATAL:
-        the client should then retry rather than be told the model does not exist."""
+        A child whose models have never been listed (it is still starting, or its /api/tags
+        failed) may have the model: it is returned, so the client is told to retry rather than
+        that the model does not exist. None means the model is not there, as far as anyone can
+        know: a FATAL child's models stay unknown, but waiting will not help."""
         unlisted = [c for name, c in self.children.items() if name not in self._tags]
         waiting = [c for c in unlisted if not c.fatal]
         if waiting:
             c = waiting[0]
-            why = c.status().error or c.status().state
+            why = c.error or ("its /api/tags failed" if c.running else c.state.value)
             return c, (
                 f"model '{model}' is not on any backend listed so far; backend {c.name!r} "
                 f"may have it but its models are not known yet ({why})"
