@@ -44,6 +44,7 @@ class Backends:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tags: dict[str, list[dict[str, Any]]] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self._tags_failing: set[str] = set()
         for b in cfg.backends:  # shown as stopped (and their models as not known) until start()
             self._add_child(b)
 
@@ -194,7 +195,11 @@ class Backends:
         for child, res in zip(running, results, strict=True):
             if isinstance(res, dict):
                 self._tags[child.name] = list(res.get("models") or [])
-            else:
+                if child.name in self._tags_failing:
+                    self._tags_failing.discard(child.name)
+                    log.info("backend %s: its models can be listed again", child.name)
+            elif child.name not in self._tags_failing:  # once per failure, not every scan
+                self._tags_failing.add(child.name)
                 log.warning("backend %s: could not list its models: %s", child.name, _why(res))
 
     def set_tags(self, backend: str, models: list[dict[str, Any]]) -> None:

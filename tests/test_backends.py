@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from llmdproc import free_port
 
 from llmd import config
 from llmd.backends import Backends
@@ -85,3 +88,41 @@ async def test_missing_says_whether_to_retry(
             backends.set_tags(name, models)
         found, why = backends.missing("m:1b")
     assert (found.name if found else None, why) == (child, message)
+
+
+async def test_a_failing_model_list_is_logged_once_per_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A child whose /api/tags fails is warned about once, not on every scan, and the recovery
+    is logged; meanwhile its models stay unknown (so missing() says to retry)."""
+    failing = True
+
+    async def tags(request: web.Request) -> web.Response:
+        if failing:
+            return web.Response(status=500, text="boom")
+        return web.json_response({"models": [{"name": "m:1b"}]})
+
+    app = web.Application()
+    app.router.add_get("/api/tags", tags)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    cfg = config.from_dict({"backend": [{"name": "b0", "port": port}]})
+    try:
+        async with aiohttp.ClientSession() as session:
+            backends = Backends(cfg, session=session, start_task=never_started)
+            backends.children["b0"].state = State.RUNNING
+            with caplog.at_level(logging.INFO, logger="llmd.backends"):
+                for _ in range(3):
+                    await backends.refresh_tags()
+                assert backends.missing("m:1b")[0] is backends.children["b0"]
+                failing = False
+                await backends.refresh_tags()
+                assert await backends.locate("m:1b") is backends.children["b0"]
+    finally:
+        await runner.cleanup()
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2, logged
+    assert logged[0].startswith("backend b0: could not list its models: 500")
+    assert logged[1] == "backend b0: its models can be listed again"
