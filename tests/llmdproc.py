@@ -134,10 +134,9 @@ class Llmd:
             r = self.llmctl("status", "--json")
             if r.returncode == 0:
                 last = json.loads(r.stdout)
-                states = [b["state"] for b in last["backends"]]
-                if len(states) == len(self.arrays["backend"]) and not {"starting", "stopped"} & set(
-                    states
-                ):
+                backends = last["backends"]
+                settled = not {b["state"] for b in backends} & {"starting", "stopped"}
+                if settled and len(backends) == len(self.arrays["backend"]):
                     return last
             time.sleep(0.1)
         raise AssertionError(f"llmd not ready in {timeout}s (last status {last}):\n{self.logs()}")
