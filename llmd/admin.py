@@ -124,8 +124,10 @@ class Admin:
         if child is None:
             known = ", ".join(self.d.backends.children) or "none"
             raise AdminError(404, "not_found", f"no backend named {name!r} (backends: {known})")
-        child.restart()
-        return web.json_response({"backend": name, "outcome": "restarting"})
+        # Its requests in flight finish first (up to daemon.shutdown_timeout); new ones get 503.
+        n = self.d.restart_backend(child)
+        outcome = f"restarting once its {n} request(s) in flight finish" if n else "restarting"
+        return web.json_response({"backend": name, "outcome": outcome, "in_flight": n})
 
     async def reload(self, request: web.Request) -> web.Response:
         ok, changes = await self.d.reload()

@@ -82,13 +82,19 @@ class Backends:
         """Stop every child in parallel."""
         await asyncio.gather(*(c.stop() for c in self.children.values()))
 
+    def leaving(self, new: Config) -> list[Child]:
+        """The children a reload to `new` would stop: removed or changed backends."""
+        _, changed, removed = diff_backends(self.cfg, new)
+        return [self.children[b.name] for b in removed + changed if b.name in self.children]
+
     async def apply(self, new: Config) -> list[str]:
         """Apply a reloaded config as a diff; an unchanged backend keeps its process."""
         added, changed, removed = diff_backends(self.cfg, new)
         self.cfg = new
         notes = []
         for b in removed + changed:
-            # Stopped before it leaves the set: meanwhile its requests get 503 + Retry-After.
+            # The daemon drained it first (see leaving()); stopped before it leaves the set,
+            # so that meanwhile its requests get 503 + Retry-After.
             child = self.children[b.name]
             await child.stop()
             del self.children[b.name]
@@ -157,13 +163,15 @@ class Backends:
                 return child
         return None
 
-    def missing(self, model: str) -> tuple[Child | None, str]:
+    def missing(self, model: str, not_found: str | None = None) -> tuple[Child | None, str]:
         """Why locate() found no child for a model: the child that may yet have it, and a message.
 
         A child whose models have never been listed (it is still starting, or its /api/tags
         failed) may have the model: it is returned, so the client is told to retry rather than
         that the model does not exist. None means the model is not there, as far as anyone can
-        know: a FATAL child's models stay unknown, but waiting will not help."""
+        know: a FATAL child's models stay unknown, but waiting will not help. `not_found` is
+        the message for that case (the proxy words it as Ollama would for the endpoint)."""
+        not_found = not_found or f"model '{model}' not found"
         unlisted = [c for name, c in self.children.items() if name not in self._tags]
         waiting = [c for c in unlisted if not c.fatal]
         if waiting:
@@ -175,10 +183,9 @@ class Backends:
             )
         if unlisted:
             return None, (
-                f"model '{model}' not found (backend {unlisted[0].name!r} is fatal, "
-                "so its models are unknown)"
+                f"{not_found} (backend {unlisted[0].name!r} is fatal, so its models are unknown)"
             )
-        return None, f"model '{model}' not found"
+        return None, not_found
 
     async def refresh_tags(self) -> None:
         """Re-read /api/tags from every running child; concurrent callers share one scan."""

@@ -189,6 +189,11 @@ class BackendConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     start_timeout: float = 60.0
     stop_timeout: float = 10.0
+    # Liveness: GET / every probe_interval; a probe that takes longer than probe_timeout fails.
+    # One failure stops routing to the child; probe_failures in a row replace it.
+    probe_interval: float = 2.0
+    probe_timeout: float = 2.0
+    probe_failures: int = 3
 
 
 @dataclass(frozen=True)
@@ -510,6 +515,9 @@ def _read_backend(file: Path, i: int, table: object) -> BackendConfig:
         env=env,
         start_timeout=sec.get("start_timeout", BackendConfig.start_timeout, _positive_duration),
         stop_timeout=sec.get("stop_timeout", BackendConfig.stop_timeout, _positive_duration),
+        probe_interval=sec.get("probe_interval", BackendConfig.probe_interval, _positive_duration),
+        probe_timeout=sec.get("probe_timeout", BackendConfig.probe_timeout, _positive_duration),
+        probe_failures=sec.get("probe_failures", BackendConfig.probe_failures, _positive_int),
     )
     sec.done()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):

@@ -42,6 +42,8 @@ from llmd.store import RequestRecord, Store
 log = logging.getLogger("llmd")
 
 STATUS_EVERY_S = 5.0
+# How often a drain looks whether a child's requests in flight have finished.
+DRAIN_POLL_S = 0.1
 EX_CONFIG = 78
 
 
@@ -65,6 +67,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._restarts: dict[str, asyncio.Task[None]] = {}  # `llmctl restart`s draining first
         self._stopping = False
         self._started_at = time.time()
         self.exit_code = 0
@@ -215,7 +218,7 @@ class Daemon:
             log.warning(
                 "shutdown: cancelled %d request(s) still in flight after %gs", left, timeout
             )
-        for t in loops:
+        for t in [*loops, *self._restarts.values()]:
             t.cancel()
         await self.lifecycle.close()
         await self.backends.stop_all()
@@ -246,6 +249,54 @@ class Daemon:
         log.info("%s: shutting down", name)
         self._stopping = True
         self._stop.set()
+
+    def restart_backend(self, child: Child) -> int:
+        """Restart a child once its requests in flight finish; return how many there are."""
+        pending = self._restarts.get(child.name)
+        if pending is not None and not pending.done():
+            return self._in_flight_on(child.name)  # already draining for a restart
+        if not child.drain():  # not serving (backoff, fatal, starting): nothing to wait for
+            child.restart()
+            return 0
+        self._restarts[child.name] = self._tg.create_task(
+            self._drain_then_restart(child), name=f"restart-{child.name}"
+        )
+        return self._in_flight_on(child.name)
+
+    async def _drain_then_restart(self, child: Child) -> None:
+        generation = child.generation
+        try:
+            await self._drain([child])
+        except Exception:  # the restart must happen regardless; a task error would stop llmd
+            log.exception("backend %s: draining before its restart failed", child.name)
+        if child.generation == generation:  # else it died meanwhile and was replaced
+            child.restart()
+
+    def _in_flight_on(self, backend: str) -> int:
+        """Requests in flight on a backend, as lifecycle counts them per model."""
+        return sum(m.in_flight for m in self.lifecycle.models.values() if m.backend == backend)
+
+    async def _drain(self, children: list[Child]) -> None:
+        """Route no new requests to these children and wait, up to daemon.shutdown_timeout,
+        for their requests in flight to finish."""
+        for c in children:
+            c.drain()
+        timeout = self.cfg.daemon.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(self._in_flight_on(c.name) for c in children):
+                return
+            await asyncio.sleep(DRAIN_POLL_S)
+        for c in children:
+            n = self._in_flight_on(c.name)
+            if n:
+                log.warning(
+                    "backend %s: %d request(s) still in flight after %gs (daemon.shutdown_timeout);"
+                    " stopping it anyway",
+                    c.name,
+                    n,
+                    timeout,
+                )
 
     def _child_exited(self, child: Child, reason: str) -> None:
         self.lifecycle.child_restarted(child, reason)
@@ -308,6 +359,8 @@ class Daemon:
                 log.error("reload failed, keeping the running config: %s", err)
                 self.record_event("reload", reason=f"rejected: {err}")
                 return False, [f"{new.path}: {err}"]
+            # Streams in flight on a child about to stop finish first (bounded).
+            await self._drain(self.backends.leaving(new))
             notes += await self.backends.apply(new)
             self.cfg = new
             self.lifecycle.cfg = new

@@ -26,9 +26,8 @@ BACKOFF_MAX_S = 60.0
 # A run shorter than this counts as a fast failure; this many in a row make the child FATAL.
 FAST_FAILURE_S = 10.0
 FATAL_AFTER = 5
-PROBE_INTERVAL_S = 5.0
-PROBE_TIMEOUT_S = 5.0
-PROBE_FAILURES_BEFORE_RESTART = 3
+# A client's wait before retrying a child that is starting, draining or not answering.
+RETRY_AFTER_S = 5
 # Marks every child in its environment, so a later llmd can recognise stale children.
 CHILD_MARKER = "LLMD_BACKEND"
 # Children get so many model slots that Ollama never evicts by count: llmd decides instead.
@@ -43,6 +42,10 @@ class State(enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
+    # Running but failing its liveness probes: takes no new requests; replaced if it goes on.
+    UNRESPONSIVE = "unresponsive"
+    # Running, taking no new requests while its requests in flight finish, before a stop.
+    DRAINING = "draining"
     BACKOFF = "backoff"
     STOPPING = "stopping"
     FATAL = "fatal"
@@ -78,6 +81,24 @@ async def default_spawn(argv: list[str], env: Mapping[str, str]) -> asyncio.subp
         preexec_fn=_die_with_parent,
         limit=LINE_LIMIT,
     )
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of a process in /proc/PID/stat (R, S, D, T, Z...), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return stat_state(f.read())
+    except OSError:
+        return None
+
+
+def stat_state(stat: bytes) -> str | None:
+    """The state letter in the text of a /proc/PID/stat file."""
+    # The command name in parentheses may itself hold spaces or parentheses: split after the last.
+    end = stat.rfind(b") ")
+    if end < 0:
+        return None
+    return stat[end + 2 : end + 3].decode(errors="replace") or None
 
 
 def child_env(cfg: BackendConfig, instance: str, base: Mapping[str, str]) -> dict[str, str]:
@@ -160,6 +181,7 @@ class Child:
 
     @property
     def running(self) -> bool:
+        """Answering and taking new requests."""
         return self.state is State.RUNNING
 
     @property
@@ -179,7 +201,17 @@ class Child:
         """A client's sensible wait before retrying a request to this child."""
         if self.state is State.BACKOFF and self._backoff_until is not None:
             return max(1, int(self._backoff_until - self._clock() + 0.999))
-        return 5 if self.state in (State.STARTING, State.RUNNING) else 30
+        if self.state in (State.FATAL, State.STOPPED, State.STOPPING):
+            return 30
+        return RETRY_AFTER_S
+
+    def drain(self) -> bool:
+        """Take no new requests (ahead of a stop or restart); False if it was not taking any."""
+        if self.state not in (State.RUNNING, State.UNRESPONSIVE):
+            return False
+        self.state = State.DRAINING  # RUNNING/UNRESPONSIVE -> DRAINING
+        log.info("backend %s: draining: new requests get 503 until it restarts", self.name)
+        return True
 
     async def wait_settled(self) -> None:
         """Wait until the first start has succeeded or failed."""
@@ -329,11 +361,20 @@ class Child:
     async def _probe(self) -> bool:
         try:
             async with self._session.get(
-                self.url + "/", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+                self.url + "/", timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout)
             ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False
+
+    async def _liveness(self, proc: asyncio.subprocess.Process) -> str | None:
+        """Why the child is not serving, or None when it answers its probe."""
+        if proc_state(proc.pid) in ("T", "t"):
+            # Stopped (SIGSTOP, a debugger): no probe can succeed, so do not wait for one.
+            return "stopped (process state T): it cannot answer until continued"
+        if await self._probe():
+            return None
+        return f"did not answer GET / on port {self.cfg.port} within {self.cfg.probe_timeout:g}s"
 
     async def _await_ready(self, exited: asyncio.Task[int]) -> bool:
         deadline = self._clock() + self.cfg.start_timeout
@@ -352,13 +393,16 @@ class Child:
         failures = 0
         while True:
             self._wake.clear()
-            wake = asyncio.get_running_loop().create_task(self._wake.wait())
-            try:
-                await asyncio.wait(
-                    [exited, wake], timeout=PROBE_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                wake.cancel()
+            if self._want_running and not self._restart_requested:  # else asked during a probe
+                wake = asyncio.get_running_loop().create_task(self._wake.wait())
+                try:
+                    await asyncio.wait(
+                        [exited, wake],
+                        timeout=self.cfg.probe_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    wake.cancel()
             if exited.done():
                 code = proc.returncode
                 if not self._want_running:
@@ -367,18 +411,35 @@ class Child:
                     return self._set_error(f"killed by signal {-code}")
                 return self._set_error(f"exited with code {code}")
             if not self._want_running or self._restart_requested:
-                self.state = State.STOPPING  # RUNNING -> STOPPING
+                self.state = State.STOPPING  # RUNNING/UNRESPONSIVE/DRAINING -> STOPPING
                 await self._terminate(proc, exited)
                 return "stopped" if not self._want_running else "restarted on request"
-            if await self._probe():
+            why = await self._liveness(proc)
+            if why is None:
+                if self.state is State.UNRESPONSIVE:
+                    self.state = State.RUNNING  # UNRESPONSIVE -> RUNNING
+                    self.error = None
+                    log.info("backend %s: answering again", self.name)
                 failures = 0
                 continue
+            if exited.done() or self._restart_requested or not self._want_running:
+                continue  # acted on at the top of the loop
             failures += 1
-            if failures >= PROBE_FAILURES_BEFORE_RESTART:
-                await self._terminate(proc, exited)
-                return self._set_error(
-                    f"stopped answering on port {self.cfg.port} ({failures} failed probes)"
+            if self.state is State.RUNNING:
+                self.state = State.UNRESPONSIVE  # RUNNING -> UNRESPONSIVE
+                self.error = why
+                log.warning(
+                    "backend %s: %s; its new requests get 503 until it answers again",
+                    self.name,
+                    why,
                 )
+            if failures >= self.cfg.probe_failures:
+                self.state = State.STOPPING  # UNRESPONSIVE/DRAINING -> STOPPING
+                # A hung child is in no state to shut down cleanly, and a stopped one would not
+                # even see SIGTERM until continued: kill it, runners and all.
+                self._signal_group(signal.SIGKILL)
+                await asyncio.wait([exited], timeout=5)
+                return self._set_error(f"{why} ({failures} failed probes in a row); killed")
 
     def _signal_group(self, sig: int) -> None:
         if self._proc is None:
@@ -391,6 +452,8 @@ class Child:
     async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
         """SIGTERM the child's group, SIGKILL after stop_timeout, then reap the group."""
         self._signal_group(signal.SIGTERM)
+        # A stopped process keeps SIGTERM pending until continued: let it act on it.
+        self._signal_group(signal.SIGCONT)
         done, _ = await asyncio.wait([exited], timeout=self.cfg.stop_timeout)
         if not done:
             log.warning(

@@ -18,7 +18,7 @@ from aiohttp import web
 from llmd.backends import Backends
 from llmd.config import Config, normalize_model, parse_go_duration
 from llmd.lifecycle import Lease, Lifecycle, LoadError, MState
-from llmd.process import Child
+from llmd.process import RETRY_AFTER_S, Child, State
 from llmd.store import RequestRecord
 
 log = logging.getLogger("llmd.proxy")
@@ -47,6 +47,10 @@ HOP_BY_HOP = {
     "content-length",
 }
 TAIL_BYTES = 4096
+# Names the backends a merged list (/api/tags, /api/ps, /v1/models) had to leave out.
+WARNING_HEADER = "X-LLMD-Warning"
+# How often a merged list looks whether a child it waits for has been found hung meanwhile.
+GATHER_RECHECK_S = 0.25
 # Health checks answer without an API key.
 OPEN_PATHS = frozenset({"/", "/healthz"})
 _COUNTERS = {
@@ -212,46 +216,83 @@ class Proxy:
         )
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        states = {c.name: c.state.value for c in self.backends.children.values()}
-        ok = any(c.running for c in self.backends.children.values())
+        children = list(self.backends.children.values())
+        states = {c.name: c.state.value for c in children}
+        # "running" means answering its probes and taking requests: a hung child is not.
+        answering = sum(c.running for c in children)
+        status = "ok" if answering == len(children) else "degraded" if answering else "unavailable"
         return web.json_response(
-            {"status": "ok" if ok else "unavailable", "backends": states}, status=200 if ok else 503
+            {"status": status, "backends": states},
+            status=200 if answering else 503,
+            headers=None if answering else {"Retry-After": str(RETRY_AFTER_S)},
         )
 
-    async def _gather(self, path: str) -> list[tuple[Child, Any]]:
-        children = [c for c in self.backends.children.values() if c.running]
-        if not children:
-            raise self._no_backend()
-        results = await asyncio.gather(
-            *(self.backends.fetch_json(c, path) for c in children), return_exceptions=True
-        )
+    async def _gather(self, path: str) -> tuple[list[tuple[Child, Any]], dict[str, str]]:
+        """Each answering child's JSON at path, and why each other child's is missing.
+
+        503 when no child answered: an empty list would tell clients there are no models."""
+        children = list(self.backends.children.values())
+        missing = {c.name: c.state.value for c in children if not c.running}
+        loop = asyncio.get_running_loop()
+        asked = {
+            loop.create_task(self.backends.fetch_json(c, path), name=f"gather-{c.name}"): c
+            for c in children
+            if c.running
+        }
+        pending = set(asked)
+        try:
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=GATHER_RECHECK_S)
+                for task in [t for t in pending if not asked[t].running]:
+                    # Found hung (or draining) meanwhile: do not wait out the fetch's timeout.
+                    task.cancel()
+                    pending.discard(task)
+                    missing[asked[task].name] = asked[task].state.value
+        finally:
+            for task in pending:
+                task.cancel()
         out = []
-        for c, res in zip(children, results, strict=True):
-            if isinstance(res, BaseException):
-                log.warning("%s from backend %s failed: %s", path, c.name, res)
+        for task, c in asked.items():
+            if c.name in missing:
+                continue
+            e = task.exception()
+            if e is not None:
+                log.warning("%s from backend %s failed: %s", path, c.name, e)
+                missing[c.name] = "no answer" if isinstance(e, TimeoutError) else "failed"
             else:
-                out.append((c, res))
-        return out
+                out.append((c, task.result()))
+        if not out:
+            raise self._no_backend(None, missing)
+        return out, missing
+
+    def _partial(self, missing: dict[str, str]) -> dict[str, str] | None:
+        """The header that names the backends a merged list left out, or None."""
+        if not missing:
+            return None
+        names = ", ".join(f"{n} ({why})" for n, why in missing.items())
+        return {WARNING_HEADER: f"incomplete: backends not answering: {names}"}
 
     async def _tags(self, request: web.Request) -> web.Response:
         merged: dict[str, dict[str, Any]] = {}
-        for child, doc in await self._gather("/api/tags"):
+        answers, missing = await self._gather("/api/tags")
+        for child, doc in answers:
             self.backends.set_tags(child.name, list(doc.get("models") or []))
             for m in doc.get("models") or []:
                 merged.setdefault(m.get("name"), m)
         models = sorted(merged.values(), key=lambda m: str(m.get("modified_at", "")), reverse=True)
-        return web.json_response({"models": models})
+        return web.json_response({"models": models}, headers=self._partial(missing))
 
     async def _ps(self, request: web.Request) -> web.Response:
         entries = []
-        for child, doc in await self._gather("/api/ps"):
+        answers, missing = await self._gather("/api/ps")
+        for child, doc in answers:
             for e in doc.get("models") or []:
                 m = self.lifecycle.models.get(e.get("name", ""))
                 if m is not None and m.backend == child.name:
                     e = {**e, "expires_at": self._expires_at(m, e.get("expires_at"))}
                 entries.append(e)
         entries.sort(key=lambda e: _parse_time(e.get("expires_at")), reverse=True)
-        return web.json_response({"models": entries})
+        return web.json_response({"models": entries}, headers=self._partial(missing))
 
     def _expires_at(self, m: Any, child_value: Any) -> Any:
         """llmd's own unload time: children are told never to unload, so theirs is meaningless."""
@@ -263,20 +304,36 @@ class Proxy:
 
     async def _v1_models(self, request: web.Request) -> web.Response:
         merged: dict[str, dict[str, Any]] = {}
-        for _, doc in await self._gather("/v1/models"):
+        answers, missing = await self._gather("/v1/models")
+        for _, doc in answers:
             for m in doc.get("data") or []:
                 merged.setdefault(m.get("id"), m)
         # Ollama answers "data": null rather than [] when there are no models (openai/openai.go).
-        return web.json_response({"object": "list", "data": list(merged.values()) or None})
+        return web.json_response(
+            {"object": "list", "data": list(merged.values()) or None},
+            headers=self._partial(missing),
+        )
 
     # -- routing ----------------------------------------------------------------------------------
 
-    def _no_backend(self, child: Child | None = None) -> ProxyError:
+    def _no_backend(
+        self, child: Child | None = None, missing: dict[str, str] | None = None
+    ) -> ProxyError:
         if child is None:
-            return ProxyError(503, "no backend is running", {"Retry-After": "5"})
+            if not missing:
+                return ProxyError(503, "no backend is running", {"Retry-After": str(RETRY_AFTER_S)})
+            names = ", ".join(f"{n} ({why})" for n, why in missing.items())
+            waits = [c.retry_after_s() for c in self.backends.children.values()]
+            retry = str(min(waits, default=RETRY_AFTER_S))
+            return ProxyError(503, f"no backend answered: {names}", {"Retry-After": retry})
         st = child.status()
-        why = f"backend {child.name!r} is not running ({st.state}"
-        if st.error:
+        if child.state is State.UNRESPONSIVE:
+            why = f"backend {child.name!r} is not answering ({st.state}"
+        else:
+            why = f"backend {child.name!r} is not running ({st.state}"
+        if child.state is State.DRAINING:
+            why += ": finishing its requests in flight before it restarts"
+        elif st.error:
             why += f": {st.error}"
         why += ")"
         return ProxyError(503, why, {"Retry-After": str(child.retry_after_s())})

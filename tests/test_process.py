@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 from llmdproc import free_port
 
-from llmd import process
-from llmd.config import BackendConfig
+from llmd import config, process
+from llmd.config import BackendConfig, ConfigError
 from llmd.process import Child, State, child_env
 
 # A stand-in child: serves GET / on OLLAMA_HOST's port; behaviour set by argv.
@@ -28,9 +31,15 @@ SERVER = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "never-ready":
         time.sleep(3600)
+    hung = []
+    if mode in ("hang-on-usr1", "ignore-term"):
+        # SIGUSR1: stop answering (a deadlocked server), the process still alive and running.
+        signal.signal(signal.SIGUSR1, lambda *a: hung.append(1))
     host, port = os.environ["OLLAMA_HOST"].rsplit(":", 1)
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            while hung:
+                time.sleep(3600)
             self.send_response(200); self.end_headers(); self.wfile.write(b"Ollama is running")
         def log_message(self, *a):
             pass
@@ -47,6 +56,7 @@ def backend(mode: str, **kw: object) -> BackendConfig:
         command=(sys.executable, "-c", SERVER, mode),
         start_timeout=kw.pop("start_timeout", 5.0),  # type: ignore[arg-type]
         stop_timeout=kw.pop("stop_timeout", 2.0),  # type: ignore[arg-type]
+        probe_interval=kw.pop("probe_interval", 0.2),  # type: ignore[arg-type]
         **kw,  # type: ignore[arg-type]
     )
 
@@ -60,7 +70,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "BACKOFF_FIRST_S", 0.05)
-    monkeypatch.setattr(process, "PROBE_INTERVAL_S", 0.2)
 
 
 async def wait_state(child: Child, *states: State, timeout: float = 10) -> None:
@@ -182,3 +191,162 @@ async def test_requested_restart_is_immediate(session: aiohttp.ClientSession) ->
     assert child.restarts == 1
     await child.stop()
     await task
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_stopped_child_is_seen_at_once_and_killed(session: aiohttp.ClientSession) -> None:
+    """A SIGSTOPped child is unresponsive at the next probe, without waiting for the probe
+    timeout, and after probe_failures probes it is killed (it would never act on SIGTERM)."""
+    # A probe timeout longer than the test: only the /proc state can tell in time.
+    b = backend("ignore-term", probe_timeout=60.0, probe_failures=3, stop_timeout=60.0)
+    child = Child(b, instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await wait_state(child, State.UNRESPONSIVE, timeout=3)
+        assert not child.running
+        assert "stopped" in (child.error or "")
+        async with asyncio.timeout(10):
+            while not gone(pid):
+                await asyncio.sleep(0.02)
+        await wait_state(child, State.RUNNING)
+        assert child.pid != pid and child.restarts == 1
+        assert child.error is None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        await child.stop()
+        await task
+
+
+async def test_hung_child_is_killed_after_failed_probes(session: aiohttp.ClientSession) -> None:
+    """A child that stops answering (alive, ignoring SIGTERM) is unresponsive after one probe
+    timeout and killed after probe_failures of them."""
+    b = backend("ignore-term", probe_timeout=0.3, probe_failures=2, stop_timeout=60.0)
+    exits: list[str] = []
+    child = Child(b, instance="i", session=session, on_exit=lambda c, why: exits.append(why))
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGUSR1)
+    await wait_state(child, State.UNRESPONSIVE, timeout=5)
+    assert child.retry_after_s() >= 1
+    async with asyncio.timeout(10):
+        while not gone(pid):
+            await asyncio.sleep(0.02)
+    await wait_state(child, State.RUNNING)
+    assert child.pid != pid
+    assert "did not answer GET /" in exits[0] and "killed" in exits[0]
+    await child.stop()
+    await task
+
+
+async def test_continued_child_is_trusted_again(session: aiohttp.ClientSession) -> None:
+    """A child that answers again before probe_failures is running again, same process."""
+    b = backend("serve", probe_failures=1000)
+    child = Child(b, instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await wait_state(child, State.UNRESPONSIVE, timeout=3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_state(child, State.RUNNING, timeout=5)
+    assert child.pid == pid and child.error is None and child.restarts == 0
+    await child.stop()
+    await task
+
+
+async def test_stopping_a_stopped_child_needs_no_sigkill(session: aiohttp.ClientSession) -> None:
+    """stop() on a SIGSTOPped child ends it well before stop_timeout: SIGTERM is let through."""
+    child = Child(backend("serve", stop_timeout=30.0), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    async with asyncio.timeout(10):
+        await child.stop()
+    await task
+    assert gone(pid)
+
+
+async def test_draining_child_takes_no_requests_until_restarted(
+    session: aiohttp.ClientSession,
+) -> None:
+    """drain() leaves the process running but not taking requests; restart() replaces it."""
+    child = Child(backend("serve"), instance="i", session=session)
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    first = child.pid
+    assert child.drain()
+    assert child.state is State.DRAINING and not child.running and child.pid == first
+    await asyncio.sleep(0.5)  # probes that succeed do not make it running again
+    assert child.state is State.DRAINING
+    assert not child.drain()
+    child.restart()
+    async with asyncio.timeout(10):
+        while child.pid in (None, first) or child.state is not State.RUNNING:
+            await asyncio.sleep(0.02)
+    await child.stop()
+    await task
+
+
+@pytest.mark.parametrize(
+    ("stat", "expected"),
+    [
+        (b"123 (ollama) S 1 123 123 0 -1", "S"),
+        (b"123 (ollama) T 1 123 123 0 -1", "T"),
+        (b"123 (gdb target) t 1", "t"),
+        (b"123 (odd) name) R 1", "R"),  # a command name may hold ") "
+        (b"", None),
+        (b"123 (cut", None),
+    ],
+)
+def test_stat_state_reads_the_state_letter(stat: bytes, expected: str | None) -> None:
+    """The state letter is read after the command name, whatever that name holds."""
+    assert process.stat_state(stat) == expected
+
+
+def test_proc_state_of_live_and_missing_processes() -> None:
+    """This process is running or sleeping; a pid that does not exist has no state."""
+    assert process.proc_state(os.getpid()) in ("R", "S")
+    assert process.proc_state(2**22 + 12345) is None
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "why"),
+    [
+        ("probe_interval = 0", "backend[0].probe_interval", "positive"),
+        ('probe_timeout = "-1s"', "backend[0].probe_timeout", ""),
+        ("probe_failures = 0", "backend[0].probe_failures", "at least 1"),
+        ('probe_failures = "3"', "backend[0].probe_failures", "integer"),
+    ],
+)
+def test_probe_settings_are_validated(tmp_path: Path, line: str, key: str, why: str) -> None:
+    """Bad liveness probe settings are refused, naming the key."""
+    f = tmp_path / "llmd.toml"
+    f.write_text(f'[[backend]]\nname = "a"\n{line}\n')
+    with pytest.raises(ConfigError) as e:
+        config.load(f)
+    assert key in str(e.value) and why in str(e.value)
+
+
+def test_probe_settings_have_defaults_that_find_a_hang_in_seconds(tmp_path: Path) -> None:
+    """By default a stopped child is replaced within about 10 s."""
+    f = tmp_path / "llmd.toml"
+    f.write_text('[[backend]]\nname = "a"\nprobe_interval = "1s"\n')
+    b = config.load(f).backends[0]
+    assert b.probe_interval == 1.0
+    d = BackendConfig(name="x", port=1)
+    assert d.probe_interval * d.probe_failures + d.probe_timeout <= 10
