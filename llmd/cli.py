@@ -97,7 +97,8 @@ def render_models(models: list[dict[str, Any]]) -> str:
             [
                 m["name"],
                 m["backend"],
-                m["state"],
+                m["state"]
+                + (f" (as {m['runner']})" if m.get("runner") not in (None, m["name"]) else ""),
                 m["priority"],
                 "yes" if m["pinned"] else "",
                 m["in_flight"],

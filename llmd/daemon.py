@@ -470,6 +470,10 @@ class Daemon:
                 continue
             mc = self.cfg.model(name)
             m = self.lifecycle.models.get(name)
+            # Another name of the same model (same digest) may be what its runner loaded as.
+            runner = self.lifecycle.runner_of(name, backend)
+            if runner is not None:
+                m = runner
             # A model never used yet: what its keep-alive would be, without recording it.
             ka = self.lifecycle.keep_alive_of(m if m is not None else Model(name, backend or ""))
             out.append(
@@ -477,6 +481,7 @@ class Daemon:
                     "name": name,
                     "backend": backend,
                     "state": m.state.value if m else MState.UNLOADED.value,
+                    "runner": runner.name if runner is not None else None,
                     "priority": mc.priority if mc else config.ModelConfig.priority,
                     "pinned": bool((mc and mc.pin) or name in pins),
                     "aliases": list(mc.aliases) if mc else [],

@@ -72,6 +72,9 @@ class Model:
     name: str
     backend: str
     state: MState = MState.UNLOADED
+    # What the backend's runner is keyed by (Ollama's scheduler keys runners by the model's
+    # file, not its name): two names with one digest share one runner, listed under the first.
+    digest: str | None = None
     in_flight: int = 0
     deadline: float | None = None  # monotonic time at which an idle model unloads
     idle_since: float | None = None
@@ -195,7 +198,42 @@ class Lifecycle:
             m = self.models[name] = Model(name, child.name)
         elif m.backend != child.name and m.state is MState.UNLOADED:
             m.backend = child.name
+        if m.state is MState.UNLOADED:
+            m.digest = self.digest_of(name, child.name) or m.digest
         return m
+
+    def digest_of(self, name: str, backend: str) -> str | None:
+        """The digest a backend's /api/tags gives the name, if it was listed."""
+        for t in self.backends.tags(backend):
+            if t.get("name") == name and isinstance(t.get("digest"), str):
+                return str(t["digest"])
+        return None
+
+    def runner_of(self, name: str, backend: str | None = None) -> Model | None:
+        """The loaded (or loading, or unloading) model record that serves this name: its own,
+        else another name's with the same digest on the same backend, as Ollama shares it."""
+        own = self.models.get(name)
+        if own is not None and own.state is not MState.UNLOADED:
+            return own
+        for m in self.models.values():
+            if m.state is MState.UNLOADED or m.name == name or m.digest is None:
+                continue
+            if backend is not None and m.backend != backend:
+                continue
+            if self.digest_of(name, m.backend) == m.digest:
+                return m
+        return None
+
+    def _for_request(self, name: str, child: Child) -> Model:
+        """The record a request for `name` on `child` holds: the runner already serving the
+        name there (under whichever name loaded it), else the name's own record."""
+        shared = self.runner_of(name, child.name)
+        own = self.models.get(name)
+        if shared is not None and (own is None or own.state is MState.UNLOADED):
+            if shared is not own:
+                log.debug("%s is served by the runner of %s (same digest)", name, shared.name)
+            return shared
+        return self.model(name, child)
 
     def _set_state(self, m: Model, state: MState) -> None:
         m.state = state
@@ -215,7 +253,7 @@ class Lifecycle:
         would now pick another (pulled there since, or moved by a reload): otherwise a second
         copy would load behind llmd's back. Use the lease's child.
         """
-        m = self.model(name, child)
+        m = self._for_request(name, child)
         if m.state is not MState.UNLOADED:
             current = self.backends.children.get(m.backend)
             if current is not None and current.running:
@@ -390,7 +428,7 @@ class Lifecycle:
         log.warning("%s %s", m.name, why)
         self._events.record_event("spill", model=m.name, backend=child.name, reason=why)
         await self._post(child, "/api/generate", {"model": m.name, "keep_alive": 0})
-        await self._wait_gone(child, m.name)
+        await self._wait_gone(child, m)
         m.size_vram = 0
         return True
 
@@ -412,23 +450,25 @@ class Lifecycle:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return
         for entry in ps.get("models") or []:
-            if entry.get("name") == m.name:
+            if _is_runner_of(entry, m):
                 m.size = int(entry.get("size") or 0)
                 m.size_vram = int(entry.get("size_vram") or 0)
+                if isinstance(entry.get("digest"), str):
+                    m.digest = entry["digest"]
 
     # -- operator and client requests -------------------------------------------------------------
 
     async def load(self, name: str, child: Child, reason: str) -> Model:
         """Load a model now (shared with any load already under way); it then idles as usual."""
-        async with self.lease(name, child):
+        async with self.lease(name, child) as lease:
             pass
-        return self.models[name]
+        return lease.model
 
     async def unload(self, name: str, reason: str) -> str:
         """Unload a model now, or as soon as its in-flight requests finish; say which."""
         name = normalize_model(name)
-        m = self.models.get(name)
-        if m is None or m.state is MState.UNLOADED:
+        m = self.runner_of(name)  # Ollama unloads a shared runner by any of its names
+        if m is None:
             return "not loaded"
         if m.in_flight > 0 or m.state is MState.LOADING:
             m.unload_when_idle = True
@@ -451,7 +491,7 @@ class Lifecycle:
                 await self._post(
                     child, "/api/generate", {"model": m.name, "keep_alive": 0}, UNLOAD_TIMEOUT_S
                 )
-                await self._wait_gone(child, m.name)
+                await self._wait_gone(child, m)
         except (aiohttp.ClientError, TimeoutError) as e:
             log.warning("unloading %s on %s failed: %s", m.name, m.backend, e)
         finally:
@@ -469,17 +509,19 @@ class Lifecycle:
             reason,
         )
 
-    async def _wait_gone(self, child: Child, name: str) -> None:
+    async def _wait_gone(self, child: Child, m: Model) -> None:
         """Ollama unloads asynchronously: wait until /api/ps no longer lists the model."""
         deadline = time.monotonic() + UNLOAD_CONFIRM_S
         delay = 0.02
         while time.monotonic() < deadline:
             ps = await self.backends.fetch_json(child, "/api/ps")
-            if not any(e.get("name") == name for e in (ps or {}).get("models") or []):
+            if not any(_is_runner_of(e, m) for e in (ps or {}).get("models") or []):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
-        log.warning("%s still listed by %s %.0fs after unload", name, child.name, UNLOAD_CONFIRM_S)
+        log.warning(
+            "%s still listed by %s %.0fs after unload", m.name, child.name, UNLOAD_CONFIRM_S
+        )
 
     # -- background loops -------------------------------------------------------------------------
 
@@ -562,11 +604,25 @@ class Lifecycle:
                 continue
             listed = {e.get("name"): e for e in ps.get("models") or [] if e.get("name")}
             for name, entry in listed.items():
-                m = self.model(name, child)
+                # A runner llmd knows under another name of the same digest is that record.
+                digest = entry.get("digest")
+                m = next(
+                    (
+                        k
+                        for k in self.models.values()
+                        if k.backend == child.name
+                        and k.state is not MState.UNLOADED
+                        and k.digest is not None
+                        and k.digest == digest
+                    ),
+                    None,
+                ) or self.model(name, child)
                 if m.changed_at > started or m.backend != child.name:
                     continue
                 m.size = int(entry.get("size") or 0)
                 m.size_vram = int(entry.get("size_vram") or 0)
+                if isinstance(digest, str):
+                    m.digest = digest
                 if m.state is MState.UNLOADED:
                     self._set_state(m, MState.LOADED)  # UNLOADED -> LOADED (loaded outside llmd)
                     self._events.record_event(
@@ -578,7 +634,7 @@ class Lifecycle:
                 if (
                     m.backend == child.name
                     and m.state is MState.LOADED
-                    and m.name not in listed
+                    and not any(_is_runner_of(e, m) for e in listed.values())
                     and m.changed_at <= started
                 ):
                     self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (outside llmd)
@@ -624,6 +680,13 @@ class Lifecycle:
                 m.load_task.cancel()
                 with contextlib.suppress(BaseException):
                     await m.load_task
+
+
+def _is_runner_of(entry: dict[str, Any], m: Model) -> bool:
+    """Whether an /api/ps entry is the model's runner: its name, or the same digest."""
+    if entry.get("name") == m.name:
+        return True
+    return m.digest is not None and entry.get("digest") == m.digest
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

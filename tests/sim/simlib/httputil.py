@@ -21,8 +21,14 @@ class ApiError(Exception):
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON like Go's encoding/json."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON like Go's encoding/json, which also escapes <, > and & (HTML-safe)."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return text.translate(_GO_ESCAPES)
+
+
+_GO_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
