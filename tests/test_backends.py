@@ -126,3 +126,31 @@ async def test_a_failing_model_list_is_logged_once_per_failure(
     assert len(logged) == 2, logged
     assert logged[0].startswith("backend b0: could not list its models: 500")
     assert logged[1] == "backend b0: its models can be listed again"
+
+
+@pytest.mark.parametrize(
+    ("new_backends", "leaving"),
+    [
+        pytest.param([{"name": "b0", "port": 20001}, {"name": "b1", "port": 20002}], [], id="same"),
+        pytest.param([{"name": "b0", "port": 20001}], ["b1"], id="removed"),
+        pytest.param(
+            [{"name": "b0", "port": 20001}, {"name": "b1", "port": 20003}], ["b1"], id="changed"
+        ),
+        pytest.param(
+            [{"name": "b0", "port": 20001, "probe_timeout": "5s"}, {"name": "b2", "port": 20004}],
+            ["b1", "b0"],
+            id="removed-and-changed",
+        ),
+    ],
+)
+async def test_leaving_names_the_children_a_reload_stops(
+    new_backends: list[dict[str, Any]], leaving: list[str]
+) -> None:
+    """A reload drains exactly the children it will stop: removed, then changed backends."""
+    old = config.from_dict(
+        {"backend": [{"name": "b0", "port": 20001}, {"name": "b1", "port": 20002}]}
+    )
+    async with aiohttp.ClientSession() as session:
+        backends = Backends(old, session=session, start_task=never_started)
+        found = backends.leaving(config.from_dict({"backend": new_backends}))
+    assert [c.name for c in found] == leaving

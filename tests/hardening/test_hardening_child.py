@@ -218,7 +218,9 @@ def stream_lines(d: Llmd, n: int, started: threading.Event) -> list[dict[str, An
     return lines
 
 
-def test_restart_lets_a_stream_finish_then_replaces_the_child(daemon: Factory) -> None:
+def test_restart_lets_a_stream_finish_then_replaces_the_child(
+    daemon: Factory, figures: Any
+) -> None:
     """`llmctl restart` with a stream in flight: new requests get 503 with Retry-After, the
     stream completes normally, then the child is restarted (a new pid)."""
     d = daemon(sim_env={"OLLAMA_SIM_SPEED": "0.1"}).start()  # 20 tokens/s
@@ -238,13 +240,21 @@ def test_restart_lets_a_stream_finish_then_replaces_the_child(daemon: Factory) -
     assert status == 503 and int(headers["Retry-After"]) >= 1, (status, doc)
     assert took < 3  # answered at once, not held until the restart
     assert "b0" in doc["error"]
-    assert lines[-1].get("done") is True and not any("error" in x for x in lines), lines[-3:]
+    complete = lines[-1].get("done") is True and not any("error" in x for x in lines)
+    figures.add(
+        "drain on restart/reload",
+        tried=1,
+        handled=int(complete),
+        failures=int(not complete),
+        note=f"llmctl restart: stream {'complete' if complete else 'cut'}, {len(lines)} lines",
+    )
+    assert complete, lines[-3:]
     assert len(lines) == 61
     wait_for(lambda: replaced(d, "b0", pid), timeout=30, what="a new child")
     assert call(d.url + "/api/generate", {"model": TINY, "prompt": "x", "stream": False})[0] == 200
 
 
-def test_reload_changing_a_backend_lets_a_stream_finish(daemon: Factory) -> None:
+def test_reload_changing_a_backend_lets_a_stream_finish(daemon: Factory, figures: Any) -> None:
     """A reload that changes a backend with a stream in flight: the stream completes, then the
     child is restarted with its new settings."""
     d = daemon(sim_env={"OLLAMA_SIM_SPEED": "0.1"}).start()
@@ -261,14 +271,22 @@ def test_reload_changing_a_backend_lets_a_stream_finish(daemon: Factory) -> None
         r = reload.result()
     assert r.returncode == 0, r.stderr
     assert "b0 restarted" in r.stdout
-    assert lines[-1].get("done") is True and not any("error" in x for x in lines), lines[-3:]
+    complete = lines[-1].get("done") is True and not any("error" in x for x in lines)
+    figures.add(
+        "drain on restart/reload",
+        tried=1,
+        handled=int(complete),
+        failures=int(not complete),
+        note=f"llmctl reload: stream {'complete' if complete else 'cut'}, {len(lines)} lines",
+    )
+    assert complete, lines[-3:]
     wait_for(lambda: replaced(d, "b0", pid), timeout=30, what="a new child")
 
 
 def test_restart_drain_is_bounded_by_shutdown_timeout(daemon: Factory) -> None:
     """A stream that never ends holds a restart back for daemon.shutdown_timeout, no longer."""
     d = daemon(
-        sections={"daemon": {"shutdown_timeout": "2s"}},
+        sections={"daemon": {"shutdown_timeout": "4s"}},
         sim_env={"OLLAMA_SIM_FAULTS": "stall_stream=2"},
     ).start()
     assert call(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})[0] == 200
@@ -282,5 +300,5 @@ def test_restart_drain_is_bounded_by_shutdown_timeout(daemon: Factory) -> None:
         wait_for(lambda: replaced(d, "b0", pid), timeout=30, what="a new child")
         took = time.monotonic() - t0
         lines = stream.result()
-    assert took >= 1.5  # it did wait for the stream
+    assert took >= 3.5  # it did wait for the stream
     assert "error" in lines[-1]  # the cut stream says so
