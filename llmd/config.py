@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import tomllib
@@ -142,11 +143,35 @@ class ProxyConfig:
 
     listen: str = "127.0.0.1:11434"
     max_body_size: int = 32 * 1024**2
+    # Full access: inference, listing and model management (pull, push, create, copy, delete).
     api_keys: tuple[str, ...] = ()
+    # Inference and read-only listing only.
+    inference_keys: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False
+    # None ("auto"): derived from the open-file limit at start (connlimit.connection_cap).
+    max_connections: int | None = None
+    idle_timeout: float = 60.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     @property
     def host(self) -> str:
         return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the proxy listens on a loopback address only (no other machine reaches it)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name may resolve to anything: assume it is reachable
+
+    @property
+    def keyed(self) -> bool:
+        """Whether requests need a key (api_keys or inference_keys are set)."""
+        return bool(self.api_keys or self.inference_keys)
 
     @property
     def port(self) -> int:
@@ -350,6 +375,14 @@ def _api_keys(v: object) -> tuple[str, ...]:
     return keys
 
 
+def _max_connections(v: object) -> int | None:
+    if v == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f'expected "auto" or an integer of at least 1, got {v!r}')
+    return v
+
+
 def _port(v: object) -> int:
     p = _int(v)
     if not 0 < p < 65536:
@@ -442,6 +475,12 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         listen=_listen,
         max_body_size=parse_size,
         api_keys=_api_keys,
+        inference_keys=_api_keys,
+        allow_unauthenticated=_bool,
+        max_connections=_max_connections,
+        idle_timeout=_positive_duration,
+        header_timeout=_positive_duration,
+        body_timeout=_positive_duration,
     )
     keep_alive = _read_dataclass(
         file,
@@ -572,6 +611,7 @@ def _check_whole(cfg: Config) -> None:
             "gpu.total",
             'is required with gpu.probe = "ollama" (the GPU memory, e.g. "24GiB")',
         )
+    _check_exposure(cfg)
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, int] = {cfg.proxy.port: -1}
     for i, b in enumerate(cfg.backends):
@@ -599,6 +639,29 @@ def _check_whole(cfg: Config) -> None:
                     file, f"model[{i}].aliases[{j}]", f"{a!r} is already a model or alias name"
                 )
             names[a] = f"model[{i}].aliases[{j}]"
+
+
+def _check_exposure(cfg: Config) -> None:
+    """A proxy other machines can reach needs keys, or an explicit opt-in to run without."""
+    p = cfg.proxy
+    both = sorted(set(p.api_keys) & set(p.inference_keys))
+    if both:
+        i = p.inference_keys.index(both[0])
+        raise ConfigError(
+            cfg.path,
+            f"proxy.inference_keys[{i}]",
+            "is also in proxy.api_keys: a key belongs to one of them",
+        )
+    if p.loopback or p.keyed or p.allow_unauthenticated:
+        return
+    raise ConfigError(
+        cfg.path,
+        "proxy.listen",
+        f"{p.listen!r} is reachable from other machines, but proxy.api_keys is empty: anyone "
+        "there could run, pull, copy and delete models. Set proxy.api_keys (and "
+        "proxy.inference_keys for applications), listen on 127.0.0.1, or set "
+        "proxy.allow_unauthenticated = true to serve without keys anyway",
+    )
 
 
 def diff_backends(

@@ -9,6 +9,7 @@ import errno
 import faulthandler
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from llmd import __version__, config, gpu
+from llmd import __version__, config, gpu, logfilter
 from llmd.admin import (
     API_VERSION,
     Admin,
@@ -31,6 +32,7 @@ from llmd.admin import (
 )
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
+from llmd.connlimit import Connections, LimitedSite, connection_cap
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
 from llmd.memory import Memory
 from llmd.metrics import Metrics
@@ -77,6 +79,7 @@ class Daemon:
         self.backends: Backends
         self.lifecycle: Lifecycle
         self.proxy: Proxy
+        self.connections: Connections
         self.memory: Memory
         self._tg: asyncio.TaskGroup
 
@@ -173,12 +176,22 @@ class Daemon:
 
     async def _bind(self, stack: contextlib.AsyncExitStack) -> None:
         """Bind the proxy port and the admin socket; both or neither."""
-        proxy_runner = web.AppRunner(self.proxy.app(), access_log=None, **_runner_kwargs())
+        p = self.cfg.proxy
+        cap, why = connection_cap(p.max_connections, _nofile())
+        if why:
+            log.warning("%s", why)
+        self.connections = Connections(p, cap)
+        proxy_runner = web.AppRunner(
+            self.proxy.app(outer=[self.connections.middleware]),
+            access_log=None,
+            # The limiter closes idle connections; aiohttp's own timer only as a backstop.
+            keepalive_timeout=p.idle_timeout + p.header_timeout,
+            **_runner_kwargs(),
+        )
         await proxy_runner.setup()
         stack.push_async_callback(proxy_runner.cleanup)
-        p = self.cfg.proxy
         try:
-            await web.TCPSite(proxy_runner, p.host, p.port, reuse_address=True).start()
+            await LimitedSite(proxy_runner, p.host, p.port, self.connections).start()
         except OSError as e:
             raise StartupError(_port_in_use_message(p.listen, p.port, e)) from None
         admin_runner = web.AppRunner(Admin(self).app(), access_log=None)
@@ -192,7 +205,10 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"cannot serve the admin socket {sock}: {e}") from None
         stack.callback(_unlink, sock)
-        log.info("proxy listening on %s; admin socket %s", p.listen, sock)
+        log.info(
+            "proxy listening on %s (at most %d connections); admin socket %s", p.listen, cap, sock
+        )
+        _warn_exposure(self.cfg)
 
     async def _main(self) -> None:
         """Start-up, then the background loops, then the orderly shutdown."""
@@ -365,6 +381,8 @@ class Daemon:
             self.cfg = new
             self.lifecycle.cfg = new
             self.proxy.cfg = new
+            self.connections.configure(new.proxy)
+            _warn_exposure(new)
             self.memory.cfg = new
             self.lifecycle.set_keep_alive_fn(policy_keep_alive(new, self.store))
             logging.getLogger().setLevel(new.daemon.log_level.upper())
@@ -410,7 +428,12 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self._started_at, 1),
             "config": str(self.cfg.path),
-            "proxy": {"listen": self.cfg.proxy.listen, "in_flight": self.proxy.in_flight},
+            "proxy": {
+                "listen": self.cfg.proxy.listen,
+                "in_flight": self.proxy.in_flight,
+                "connections": self.connections.snapshot(),
+                "open_file_limit": _nofile(),
+            },
             "admin_socket": str(self.cfg.daemon.admin_socket),
             "summary": self.summary(),
             "backends": [
@@ -540,7 +563,40 @@ def _port_in_use_message(listen: str, port: int, e: OSError) -> str:
     )
 
 
-def _setup_logging(level: str) -> None:
+def _warn_exposure(cfg: Config) -> None:
+    """The warning proxy.allow_unauthenticated asks for, each time it takes effect."""
+    p = cfg.proxy
+    if not p.loopback and not p.keyed:
+        log.warning(
+            "proxy.listen = %r is reachable from other machines without API keys "
+            "(proxy.allow_unauthenticated = true): anyone there can run, pull, copy and delete "
+            "models; set proxy.api_keys to stop that",
+            p.listen,
+        )
+
+
+def _nofile() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _raise_nofile() -> None:
+    """Raise the soft open-file limit to the hard one: every client connection, child and
+    probe needs descriptors, and the usual soft default of 1024 runs out under load."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one for files: take the kernel's usual cap.
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft >= target:
+        log.debug("open-file limit %d (hard limit %d)", soft, hard)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+        return
+    log.info("raised the open-file limit from %d to %d (the hard limit)", soft, target)
+
+
+def _setup_logging(level: str) -> logfilter.RepeatFilter:
     # Under systemd the journal adds its own timestamps.
     fmt = "%(levelname)s %(name)s: %(message)s"
     if "JOURNAL_STREAM" not in os.environ:
@@ -549,6 +605,8 @@ def _setup_logging(level: str) -> None:
     # Library chatter (every SQL statement, the selector in use) drowns llmd's own debug log.
     for noisy in ("aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # One fault repeated per connection or per request must not flood the journal.
+    return logfilter.install(logging.getLogger().handlers[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         # EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps systemd from retrying a
         # config that cannot start, and `systemctl status llmd` shows why.
         return EX_CONFIG
-    _setup_logging(cfg.daemon.log_level)
+    repeats = _setup_logging(cfg.daemon.log_level)
+    _raise_nofile()
     # A hung daemon killed by the systemd watchdog (SIGABRT) leaves its stacks in the journal.
     faulthandler.enable()
     daemon = Daemon(cfg)
@@ -593,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 1
+    finally:
+        repeats.flush()
     return daemon.exit_code
 
 

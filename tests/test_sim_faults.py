@@ -212,3 +212,18 @@ def test_cli_and_all_interfaces_listener(tmp_path: Path, http: httpx.Client) -> 
         assert up.stdout.strip() == "ollama version is 0.33.0-rc2"
         r = http.get(sim.url + "/api/version", headers={"Host": "evil.example.com"})
         assert r.status_code == 200
+
+
+def test_header_log(tmp_path: Path, http: httpx.Client) -> None:
+    """OLLAMA_SIM_HEADER_LOG records every request's method, path and headers as received."""
+    log = tmp_path / "headers.jsonl"
+    with faulty(tmp_path, "", OLLAMA_SIM_HEADER_LOG=str(log)) as sim:
+        http.get(sim.url + "/api/version", headers={"X-Probe": "1", "Cookie": "a=b"})
+        gen(http, sim)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["method"], x["path"]) for x in lines] == [
+        ("GET", "/api/version"),
+        ("POST", "/api/generate"),
+    ]
+    first = {k.lower(): v for k, v in lines[0]["headers"]}
+    assert first["x-probe"] == "1" and first["cookie"] == "a=b"

@@ -156,8 +156,10 @@ def test_stopped_child_is_declared_down_and_replaced_within_seconds(
 
 def test_lists_name_the_backend_that_did_not_answer(daemon: Factory) -> None:
     """With one of two children hung, /api/tags, /api/ps and /v1/models answer what the other
-    child has and name the missing backend in X-LLMD-Warning, not a silently shorter list."""
-    d = daemon(backends=2).start()
+    child has and name the missing backend in X-LLMD-Warning, not a silently shorter list;
+    /healthz answers 200 "degraded"."""
+    # b1 stays hung (not replaced) for as long as the test looks at it.
+    d = daemon(backends=2, backend_extra=[{}, {"probe_failures": 1000}]).start()
     pull(d, "phi3:mini", backend=1)
     assert call(d.url + "/api/generate", {"model": TINY, "prompt": "", "stream": False})[0] == 200
     pid = backend_pid(d, "b1")
@@ -169,8 +171,11 @@ def test_lists_name_the_backend_that_did_not_answer(daemon: Factory) -> None:
                 p: pool.submit(call, d.url + p) for p in ("/api/tags", "/api/ps", "/v1/models")
             }
             answers = {p: f.result() for p, f in futures.items()}
+        # Still serving through b0: healthy enough to send requests to, and says what is not.
+        status, _, doc, _ = call(d.url + "/healthz")
     finally:
         resume(pid)
+    assert status == 200 and doc["status"] == "degraded" and doc["backends"]["b1"] != "running"
     for path, (status, headers, doc, _) in answers.items():
         assert status == 200, (path, status, doc)
         assert "b1" in headers.get("X-LLMD-Warning", ""), (path, headers)

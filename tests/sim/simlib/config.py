@@ -155,6 +155,9 @@ class Settings:
     gpu_file: Path | None
     speed: float
     faults: Faults
+    # OLLAMA_SIM_HEADER_LOG: a JSON line per request with the headers as received (tests check
+    # what a proxy in front passes on).
+    header_log: Path | None = None
 
 
 def default_catalog() -> Path:
@@ -196,4 +199,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         gpu_file=Path(gpu) if gpu else None,
         speed=speed,
         faults=parse_faults(env.get("OLLAMA_SIM_FAULTS", "")),
+        header_log=Path(hl) if (hl := env.get("OLLAMA_SIM_HEADER_LOG", "").strip()) else None,
     )

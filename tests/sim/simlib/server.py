@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -120,6 +121,7 @@ class Front:
 
     def __init__(self, settings: Settings) -> None:
         self.faults = settings.faults
+        self.header_log = settings.header_log
         self.requests = 0
         self.answered = 0
         self.exiting = False
@@ -134,6 +136,8 @@ class Front:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Convert errors, apply faults, log the request."""
         started = time.monotonic()
+        if self.header_log is not None:
+            self._log_headers(request)
         n = 0
         if request.path in INFERENCE_PATHS:
             if self.exiting:
@@ -171,6 +175,16 @@ class Front:
                 self.exiting = True
                 await self._answer_then_exit(request, resp)
         return resp
+
+    def _log_headers(self, request: web.Request) -> None:
+        assert self.header_log is not None
+        line = {
+            "method": request.method,
+            "path": request.path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+        }
+        with open(self.header_log, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(json.dumps(line) + "\n")
 
     def _log(self, request: web.Request, status: int, started: float) -> None:
         peer = request.remote or "-"
