@@ -342,6 +342,9 @@ class Proxy:
         finally:
             for task in pending:
                 task.cancel()
+            for task in asked:  # even when this request was cancelled: none "never retrieved"
+                if task.done() and not task.cancelled():
+                    task.exception()
         out = []
         for task, c in asked.items():
             if c.name in missing:
