@@ -13,6 +13,7 @@ from llmd import __version__, planner
 from llmd.client import AdminClient, DaemonError, Unreachable
 
 EXIT_OK, EXIT_DAEMON, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_NOT_SAVED = 4  # done and in force, but not yet saved: a restart before it is would undo it
 
 
 def _mib(n: int | None) -> str:
@@ -155,13 +156,24 @@ async def _unload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     return doc, f"{doc['model']}: {doc['outcome']}"
 
 
+def _not_saved(doc: dict[str, Any], done: str) -> str:
+    return (
+        f"{doc['model']} {done} now; not yet saved: {doc['not_saved']}; retrying"
+        " (a restart of llmd before it is saved undoes it)"
+    )
+
+
 async def _pin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     doc = await c.pin(a.model)
+    if doc.get("saved") is False:
+        return doc, _not_saved(doc, "pinned")
     return doc, f"{doc['model']} pinned: once loaded, it stays loaded until unpinned"
 
 
 async def _unpin(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     doc = await c.unpin(a.model)
+    if doc.get("saved") is False:
+        return doc, _not_saved(doc, "unpinned")
     return doc, f"{doc['model']} unpinned"
 
 
@@ -218,7 +230,12 @@ async def _plan(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llmctl", description="Control a running llmd.")
+    ap = argparse.ArgumentParser(
+        prog="llmctl",
+        description="Control a running llmd.",
+        epilog="exit status: 0 ok, 1 error from llmd, 2 usage, 3 llmd unreachable, 4 pin or unpin"
+        " in force but not yet saved (the database cannot be written; llmd retries)",
+    )
     ap.add_argument(
         "--socket",
         metavar="PATH",
@@ -285,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     print(json.dumps(doc, indent=2) if args.json else text)
+    if isinstance(doc, dict) and doc.get("saved") is False:
+        return EXIT_NOT_SAVED
     return EXIT_OK
 
 

@@ -399,7 +399,7 @@ class Daemon:
         return self.proxy.resolve(name)
 
     async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
-        """Pin or unpin a model at run time; the pin persists across restarts."""
+        """Pin or unpin a model at run time, saved for restarts as soon as the store can."""
         mc = self.cfg.model(name)
         if not pinned and mc is not None and mc.pin:
             i = self.cfg.models.index(mc)
@@ -415,10 +415,17 @@ class Daemon:
             err = await self.memory.pinned_fit_error(self.cfg, extra=name)
             if err is not None:
                 raise AdminError(409, "does_not_fit", f"cannot pin {name}: {err}")
-        await self.store.set_pin(name, pinned)
+        saved = await self.store.set_pin(name, pinned)
         self.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
         self.lifecycle.set_keep_alive_fn(policy_keep_alive(self.cfg, self.store))
-        return {"model": name, "pinned": pinned}
+        # In force either way; while the store is degraded it is saved when the disk heals, and
+        # the caller is told so, since a restart before then would lose it.
+        return {
+            "model": name,
+            "pinned": pinned,
+            "saved": saved,
+            "not_saved": None if saved else self.store.degraded or "the store is closed",
+        }
 
     def status_doc(self) -> dict[str, Any]:
         """Everything `llmctl status` shows."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import math
 import os
 import sqlite3
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -88,7 +90,10 @@ CREATE TABLE pins (
 MIGRATIONS: dict[int, str] = {}
 
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
-_BUSY, _LOCKED, _READONLY, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 11, 13, 14, 26
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
+
+# Linux's FS_IOC_GETFLAGS and FS_IMMUTABLE_FL, to name `chattr +i` as the cause of a failure.
+_FS_IOC_GETFLAGS, _FS_IMMUTABLE_FL = 0x80086601, 0x10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +148,51 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The file's (device, inode), or None if there is no file at the path."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _immutable(path: Path) -> bool:
+    """Whether the file or directory has the immutable attribute (chattr +i)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        buf = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("i", 0))
+        return bool(struct.unpack("i", buf)[0] & _FS_IMMUTABLE_FL)
+    except OSError:
+        return False  # not supported by this file system
+    finally:
+        os.close(fd)
+
+
+def _disk_fault(path: Path) -> str | None:
+    """What in the database's directory stops writes, as far as can be seen from outside."""
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        return f"{parent} is not a directory"
+    try:
+        vfs = os.statvfs(parent)
+    except OSError:
+        return None
+    if vfs.f_flag & os.ST_RDONLY:
+        return f"{parent} is on a read-only file system"
+    for p in (path, Path(f"{path}-wal"), parent):
+        if _immutable(p):
+            return f"{p} is immutable (chattr +i)"
+    if vfs.f_bavail == 0:
+        return f"no space left on the file system of {parent}"
+    if not os.access(parent, os.W_OK):
+        return f"no write permission on {parent}"
+    return None
+
+
 async def _fetchall(db: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[Any]:
     async with db.execute(sql, tuple(params)) as cur:
         return list(await cur.fetchall())
@@ -168,6 +218,9 @@ class Store:
         self._busy_timeout_s = busy_timeout_s
         self._max_pending = max_pending
         self._db: aiosqlite.Connection | None = None
+        # (device, inode) of the open database and its WAL, to notice them deleted or replaced.
+        self._db_id: tuple[int, int] | None = None
+        self._wal_id: tuple[int, int] | None = None
         self._lock = asyncio.Lock()  # one transaction at a time on the one connection
         self._closed = False
         self._rows = 0
@@ -332,14 +385,14 @@ class Store:
         await self._flush_if_healthy()
         return facts
 
-    async def set_pin(self, model: str, pinned: bool) -> None:
-        """Pin or unpin the model at runtime."""
+    async def set_pin(self, model: str, pinned: bool) -> bool:
+        """Pin or unpin the model at runtime; True if saved, False if in memory until it is."""
         if pinned:
             self._pins.add(model)
         else:
             self._pins.discard(model)
         self._dirty_pins.add(model)
-        await self._flush_if_healthy()
+        return await self._flush_if_healthy()
 
     # -- background work --------------------------------------------------------------------
 
@@ -349,19 +402,22 @@ class Store:
         *,
         flush_s: float = 1.0,
         prune_s: float = 600.0,
-        retry_s: float = 30.0,
+        retry_s: float = 5.0,
     ) -> None:
-        """Flush every flush_s (every retry_s while degraded) and prune every prune_s until stop."""
+        """Flush every flush_s (retrying at most retry_s apart while degraded) until stop; prune."""
         loop = asyncio.get_running_loop()
         next_prune = next_try = loop.time()
+        backoff = flush_s
         while not stop.is_set():
             now = loop.time()
             if now >= next_prune:
                 await self.prune()
                 next_prune = now + prune_s
             if self.degraded is None or now >= next_try:
-                await self.flush()
-                next_try = loop.time() + retry_s  # only consulted while degraded
+                # A fault often clears in seconds (space freed, a lock released): retry soon,
+                # then less often; a retry is one cheap open or transaction.
+                backoff = flush_s if await self.flush() else min(backoff * 2, retry_s)
+                next_try = loop.time() + backoff  # only consulted while degraded
             else:
                 self._roll_up()  # the policy keeps learning between retries
             try:
@@ -376,6 +432,16 @@ class Store:
             self._roll_up()
             if self._closed:
                 return False
+            if self._db is not None and (gone := self._files_gone()) is not None:
+                # Writes would go on into an unlinked file and vanish at the next start.
+                log.error(
+                    "%s while llmd had it open; recreating it from what llmd holds in memory"
+                    " (pins, learned keep-alive, model facts; older request rows and events are"
+                    " lost)",
+                    gone,
+                )
+                self.record_event("recreated", reason=f"{gone}; recreated from memory")
+                await self._close_db()
             if self._db is None and not await self._connect():
                 return False
             return await self._write()
@@ -417,7 +483,15 @@ class Store:
         """Write what is pending and close the database."""
         if self._closed:
             return
-        await self.flush()
+        if not await self.flush() and self._dirty_pins:
+            # Said as the daemon stops, so that nobody takes a lost pin for a kept one.
+            log.error(
+                "pin changes not saved, lost at this stop: %s",
+                ", ".join(
+                    f"{m} {'pinned' if m in self._pins else 'unpinned'}"
+                    for m in sorted(self._dirty_pins)
+                ),
+            )
         async with self._lock:
             self._closed = True
             await self._close_db()
@@ -503,10 +577,11 @@ class Store:
         self._facts[model] = facts
         return facts
 
-    async def _flush_if_healthy(self) -> None:
+    async def _flush_if_healthy(self) -> bool:
         # While degraded the run loop retries; an admin call should not wait out a lock.
         if self._db is not None and self.degraded is None:
-            await self.flush()
+            return await self.flush()
+        return False
 
     async def _connect(self) -> bool:
         """Open the database, moving it aside once if it is corrupt; the lock is held."""
@@ -535,6 +610,11 @@ class Store:
         )
         try:
             await db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            # Exclusive before WAL: SQLite then keeps the WAL index in heap memory instead of
+            # mmapping a -shm file, whose write fault (immutable, full or vanished file) is a
+            # SIGBUS that kills llmd. llmd is the database's only user, so the lock costs nothing
+            # but outside readers while llmd runs (stop llmd, or copy the files, to inspect it).
+            await db.execute("PRAGMA locking_mode = EXCLUSIVE")
             ((mode,),) = await _fetchall(db, "PRAGMA journal_mode = WAL")
             if str(mode).lower() != "wal":
                 log.warning("database %s: WAL mode unavailable, using %s", self.path, mode)
@@ -548,7 +628,35 @@ class Store:
             except Exception:
                 pass
             raise
+        self._db_id, self._wal_id = _file_id(self.path), _file_id(self._wal_path)
         return db
+
+    @property
+    def _wal_path(self) -> Path:
+        return Path(f"{self.path}-wal")
+
+    def _files_gone(self) -> str | None:
+        """How the open database's files were deleted or replaced behind llmd's back, if so."""
+        # The open file keeps its inode number taken, so a new file at the path never has it.
+        for name, path, known in (
+            (f"database {self.path}", self.path, self._db_id),
+            (
+                f"database {self.path}: its write-ahead log {self._wal_path}",
+                self._wal_path,
+                self._wal_id,
+            ),
+        ):
+            if known is None:
+                continue
+            try:
+                now = _file_id(path)
+            except OSError:
+                continue  # cannot tell; a write says what is wrong
+            if now is None:
+                return f"{name} was deleted"
+            if now != known:
+                return f"{name} was replaced by another file"
+        return None
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         ((version,),) = await _fetchall(db, "PRAGMA user_version")
@@ -705,6 +813,8 @@ class Store:
             await self._failed(exc)
             return False
         self._rows += len(reqs)
+        if self._wal_id is None:
+            self._wal_id = _file_id(self._wal_path)
         if self.degraded is not None:
             log.warning("database %s is being saved again", self.path)
             self.degraded = None
@@ -729,6 +839,7 @@ class Store:
 
     async def _close_db(self) -> None:
         db, self._db = self._db, None
+        self._db_id = self._wal_id = None
         if db is not None:
             try:
                 await db.close()
@@ -773,14 +884,15 @@ class Store:
         elif code == _FULL:
             what = f"database {p}: disk is full: {why}"
         elif code == _READONLY:
-            what = f"database {p} is read-only: {why}"
-        elif code == _CANTOPEN or isinstance(exc, OSError):
-            parent = p.parent
-            if parent.exists() and not parent.is_dir():
-                why = f"{parent} is not a directory"
-            elif parent.is_dir() and not os.access(parent, os.W_OK):
-                why = f"no write permission on {parent}"
-            what = f"cannot open database {p}: {why}"
+            fault = _disk_fault(p)
+            what = f"database {p} is read-only: {f'{fault} ({why})' if fault else why}"
+        elif code in (_CANTOPEN, _IOERR) or isinstance(exc, OSError):
+            # SQLite says only "disk I/O error" or "unable to open": look for the cause.
+            fault = _disk_fault(p)
+            if fault is not None:
+                why = fault if code == _CANTOPEN or isinstance(exc, OSError) else f"{fault} ({why})"
+            verb = "open" if self._db is None else "write"
+            what = f"cannot {verb} database {p}: {why}"
         else:
             what = f"database {p} failed: {type(exc).__name__}: {why}"
         reason = f"{what}{extra}; learned state is not being saved"

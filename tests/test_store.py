@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,21 @@ def hist(*gaps: float) -> dict[str, Any]:
 
 
 def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(sql, params).fetchall()
-    conn.close()
+    """Query a copy of the database's files as they are on disk (the store holds the original)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        for suffix in ("", "-wal"):
+            if Path(f"{path}{suffix}").exists():
+                shutil.copyfile(f"{path}{suffix}", f"{copy}{suffix}")
+        with sqlite3.connect(copy) as conn:
+            rows = conn.execute(sql, params).fetchall()
+        conn.close()
     return rows
+
+
+def side(db_path: Path, suffix: str) -> Path:
+    """One of the database's side files, -wal or -shm."""
+    return db_path.with_name(db_path.name + suffix)
 
 
 def overwrite_start(path: Path, data: bytes) -> None:
@@ -318,28 +332,23 @@ async def test_buffers_are_bounded_and_drops_counted(opener, tmp_path):
     assert s.idle_histogram("m").samples == 7
 
 
-async def test_locked_database_keeps_batch_until_lock_is_released(opener, db_path):
-    """A write lock held elsewhere degrades the store; the batch is written once it is free."""
+async def test_database_is_held_exclusively_without_a_shm_file(opener, db_path):
+    """The open database has no -shm file to fault on (SIGBUS) and no other process can lock it."""
     s = await opener()
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN EXCLUSIVE")
-    try:
-        s.record_request(req(T0))
-        s.record_request(req(T0 + 100))
-        assert not await s.flush()
-        assert s.degraded is not None and "is locked by another process" in s.degraded
-        locked_reason = s.degraded
-        await s.set_pin("m", True)  # does not wait out the lock
-        assert s.status()["pending"] == 2 + 1  # and the store's own "degraded" event
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
+    s.record_request(req(T0))
     assert await s.flush()
-    assert s.degraded is None
+    assert not side(db_path, "-shm").exists()
+    assert side(db_path, "-wal").exists()
+    other = sqlite3.connect(db_path, timeout=0)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("SELECT count(*) FROM requests").fetchall()
+    finally:
+        other.close()
+    s.record_request(req(T0 + 100))
+    assert await s.flush()
+    await s.close()
     assert query(db_path, "SELECT count(*) FROM requests") == [(2,)]
-    assert query(db_path, "SELECT model FROM pins") == [("m",)]
-    assert query(db_path, "SELECT kind, reason FROM events") == [("degraded", locked_reason)]
-    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(1,)]
 
 
 async def test_locked_at_open_merges_memory_into_database_later(opener, db_path):
@@ -358,7 +367,7 @@ async def test_locked_at_open_merges_memory_into_database_later(opener, db_path)
         assert s2.degraded is not None and "locked" in s2.degraded
         s2.record_request(req(T0 + 300))  # gap 199 from the database's watermark, at merge
         s2.record_request(req(T0 + 400))  # gap 99 while degraded
-        await s2.set_pin("b", True)
+        assert not await s2.set_pin("b", True)  # kept in memory, without waiting out the lock
         await s2.set_model_facts("m", load_s=4.0)
         assert not await s2.flush()
     finally:
@@ -432,8 +441,9 @@ async def test_corruption_found_while_running_moves_the_file_aside(opener, db_pa
     s.record_request(req(T0 + 100))
     await s.set_pin("a", True)
     assert await s.flush()
-    # Checkpoint from outside, so the store must read pages from the file, then break the file.
-    query(db_path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    # Checkpoint and drop the cache, so the store must read pages from the file; then break it.
+    await s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    await s._db.execute("PRAGMA shrink_memory")
     overwrite_start(db_path, b"garbage!" * 512)
     s.record_request(req(T0 + 300))
     assert not await s.flush()
@@ -444,3 +454,130 @@ async def test_corruption_found_while_running_moves_the_file_aside(opener, db_pa
     assert query(db_path, "SELECT model FROM pins") == [("a",)]
     assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(1,)]
     assert s.idle_histogram("m").to_dict() == hist(99, 199)
+
+
+def _learn(s: Store) -> None:
+    s.record_request(req(T0))
+    s.record_request(req(T0 + 100))
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "wal deleted"])
+async def test_deleted_or_replaced_database_is_recreated_from_memory(opener, db_path, caplog, how):
+    """A database deleted or replaced under the store is rewritten whole from memory."""
+    s = await opener()
+    _learn(s)
+    assert await s.set_pin("a", True)
+    facts = await s.set_model_facts("m", size_vram=7, load_s=3.0)
+    if how == "deleted":
+        for f in db_path.parent.glob("llmd.db*"):
+            f.unlink()
+    elif how == "replaced":
+        other = db_path.with_name("other.db")
+        other.write_bytes(b"")
+        other.replace(db_path)
+    else:
+        side(db_path, "-wal").unlink()
+    s.record_request(req(T0 + 300))
+    assert await s.flush()
+    assert s.degraded is None
+    assert "recreating it from what llmd holds in memory" in caplog.text
+    await s.close()
+    assert query(db_path, "SELECT model FROM pins") == [("a",)]
+    s2 = await opener()
+    assert s2.pins() == {"a"}
+    assert s2.idle_histogram("m").to_dict() == hist(99, 199)
+    assert s2.model_facts("m") == facts
+    assert "recreated" in [e["kind"] for e in await s2.events()]
+
+
+async def test_unchanged_database_is_not_recreated(opener, db_path, caplog):
+    """Flushes, checkpoints and reopening keep the same file: nothing is taken for a deletion."""
+    s = await opener()
+    for i in range(50):
+        s.record_request(req(T0 + 10 * i, model="x" * 2000))
+        assert await s.flush()
+    await s._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert await s.flush()
+    await s.close()
+    s2 = await opener()
+    s2.record_request(req(T0 + 1000))
+    assert await s2.flush()
+    assert "recreating" not in caplog.text
+    assert s2.status()["rows"] == 51
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def immutable(tmp_path) -> Iterator[Callable[[Path], None]]:
+    """Set chattr +i on paths, cleared at the end of the test; skip where chattr cannot."""
+    probe = tmp_path / "probe"
+    probe.touch()
+    if not _chattr("+i", probe):
+        pytest.skip("chattr +i does not work on this file system")
+    _chattr("-i", probe)
+    made: list[Path] = []
+
+    def set_(path: Path) -> None:
+        assert _chattr("+i", path)
+        made.append(path)
+
+    yield set_
+    for path in made:
+        _chattr("-i", path)
+
+
+async def test_immutable_wal_degrades_naming_the_cause_and_pin_waits(opener, db_path, immutable):
+    """An immutable -wal degrades the store with the cause named; a pin then says not saved."""
+    s = await opener()
+    _learn(s)
+    assert await s.flush()
+    wal = side(db_path, "-wal")
+    immutable(wal)
+    s.record_request(req(T0 + 300))
+    assert not await s.flush()
+    assert s.degraded == (
+        f"cannot write database {db_path}: {wal} is immutable (chattr +i) (disk I/O error);"
+        " learned state is not being saved"
+    )
+    assert not await s.set_pin("a", True)
+    assert s.pins() == {"a"}
+    _chattr("-i", wal)
+    assert await s.flush()
+    assert s.degraded is None
+    await s.close()
+    assert query(db_path, "SELECT model FROM pins") == [("a",)]
+    assert query(db_path, "SELECT count(*) FROM requests") == [(3,)]
+
+
+async def test_run_retries_soon_after_a_fault_clears(opener, db_path, immutable):
+    """While degraded, run() retries with a short backoff, so a cleared fault heals in seconds."""
+    s = await opener()
+    assert await s.flush()
+    wal = side(db_path, "-wal")
+    immutable(wal)
+    s.record_request(req(T0))
+    assert not await s.flush()
+    stop = asyncio.Event()
+    task = asyncio.create_task(s.run(stop, flush_s=0.05, retry_s=0.2))
+    await asyncio.sleep(0.5)  # a few failed retries
+    assert s.degraded is not None
+    _chattr("-i", wal)
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if s.degraded is None:
+            break
+    assert s.degraded is None and s.status()["pending"] == 0
+    stop.set()
+    await task
+
+
+async def test_unsaved_pin_is_named_when_the_store_closes(opener, tmp_path, caplog):
+    """Closing with a pin change still unsaved logs which pin is lost."""
+    (tmp_path / "file").write_text("")
+    s = await opener(tmp_path / "file" / "llmd.db")
+    assert not await s.set_pin("m", True)
+    await s.close()
+    assert "pin changes not saved, lost at this stop: m pinned" in caplog.text
