@@ -29,6 +29,9 @@ LINGER_S = 2.0
 # asyncio accepts up to `backlog` connections in a row before any of them is counted: keep
 # that burst well inside RESERVE_FDS.
 BACKLOG = 128
+# Only a connection idle this long may be closed to make room: a response may still be on its
+# way out of one that just finished, and a new client needs a moment to send its request.
+EVICT_AFTER_S = 1.0
 # Cap, eviction and refusal warnings: at most one line per kind this often.
 WARN_EVERY_S = 60.0
 
@@ -123,7 +126,7 @@ class Connections:
     def _admit(self, conn: _Conn) -> bool:
         if len(self._open) >= self.cap:
             victim = next(iter(self._idle), None)
-            if victim is None:
+            if victim is None or conn.since - victim.since < EVICT_AFTER_S:
                 self._refuse(conn)
                 return False
             self.stats.evicted += 1

@@ -33,6 +33,7 @@ from llmd.admin import (
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap
+from llmd.connlimit import Connections, LimitedSite, connection_cap
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
 from llmd.memory import Memory
 from llmd.metrics import Metrics
@@ -79,6 +80,7 @@ class Daemon:
         self.backends: Backends
         self.lifecycle: Lifecycle
         self.proxy: Proxy
+        self.connections: Connections
         self.connections: Connections
         self.memory: Memory
         self._tg: asyncio.TaskGroup
@@ -358,6 +360,11 @@ class Daemon:
             notes = []
             for what, old_v, new_v in (
                 ("proxy.listen", self.cfg.proxy.listen, new.proxy.listen),
+                (
+                    "proxy.max_connections",
+                    self.cfg.proxy.max_connections,
+                    new.proxy.max_connections,
+                ),
                 ("daemon.admin_socket", self.cfg.daemon.admin_socket, new.daemon.admin_socket),
                 ("daemon.state_dir", self.cfg.daemon.state_dir, new.daemon.state_dir),
                 ("gpu.probe", self.cfg.gpu.probe, new.gpu.probe),
@@ -381,6 +388,8 @@ class Daemon:
             self.cfg = new
             self.lifecycle.cfg = new
             self.proxy.cfg = new
+            self.connections.configure(new.proxy)
+            _warn_exposure(new)
             self.connections.configure(new.proxy)
             _warn_exposure(new)
             self.memory.cfg = new

@@ -215,6 +215,9 @@ class TestInstalledDeb:
         props = show(machine, "ActiveState", "SubState", "StatusText", "MainPID", "Result")
         assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
         assert props["StatusText"], "llmd sent no STATUS="
+        # Room for client connections beyond systemd's default soft limit of 1024.
+        limits = machine.run("cat", f"/proc/{props['MainPID']}/limits").stdout
+        assert re.search(r"^Max open files\s+65536\s+65536", limits, re.M), limits
         assert machine.run("stat", "-c", "%A %U:%G", "/run/llmd").stdout.split() == [
             "drwxr-x---",
             "llmd:llmd",
