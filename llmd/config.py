@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import ipaddress
 import math
 import re
 import tomllib
@@ -384,14 +383,6 @@ def _max_connections(v: object) -> int | None:
     return v
 
 
-def _max_connections(v: object) -> int | None:
-    if v == "auto":
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f'expected "auto" or an integer of at least 1, got {v!r}')
-    return v
-
-
 def _port(v: object) -> int:
     p = _int(v)
     if not 0 < p < 65536:
@@ -621,7 +612,6 @@ def _check_whole(cfg: Config) -> None:
             'is required with gpu.probe = "ollama" (the GPU memory, e.g. "24GiB")',
         )
     _check_exposure(cfg)
-    _check_exposure(cfg)
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, int] = {cfg.proxy.port: -1}
     for i, b in enumerate(cfg.backends):
@@ -649,29 +639,6 @@ def _check_whole(cfg: Config) -> None:
                     file, f"model[{i}].aliases[{j}]", f"{a!r} is already a model or alias name"
                 )
             names[a] = f"model[{i}].aliases[{j}]"
-
-
-def _check_exposure(cfg: Config) -> None:
-    """A proxy other machines can reach needs keys, or an explicit opt-in to run without."""
-    p = cfg.proxy
-    both = sorted(set(p.api_keys) & set(p.inference_keys))
-    if both:
-        i = p.inference_keys.index(both[0])
-        raise ConfigError(
-            cfg.path,
-            f"proxy.inference_keys[{i}]",
-            "is also in proxy.api_keys: a key belongs to one of them",
-        )
-    if p.loopback or p.keyed or p.allow_unauthenticated:
-        return
-    raise ConfigError(
-        cfg.path,
-        "proxy.listen",
-        f"{p.listen!r} is reachable from other machines, but proxy.api_keys is empty: anyone "
-        "there could run, pull, copy and delete models. Set proxy.api_keys (and "
-        "proxy.inference_keys for applications), listen on 127.0.0.1, or set "
-        "proxy.allow_unauthenticated = true to serve without keys anyway",
-    )
 
 
 def _check_exposure(cfg: Config) -> None:

@@ -33,7 +33,6 @@ from llmd.admin import (
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap
-from llmd.connlimit import Connections, LimitedSite, connection_cap
 from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
 from llmd.memory import Memory
 from llmd.metrics import Metrics
@@ -80,7 +79,6 @@ class Daemon:
         self.backends: Backends
         self.lifecycle: Lifecycle
         self.proxy: Proxy
-        self.connections: Connections
         self.connections: Connections
         self.memory: Memory
         self._tg: asyncio.TaskGroup
@@ -388,8 +386,6 @@ class Daemon:
             self.cfg = new
             self.lifecycle.cfg = new
             self.proxy.cfg = new
-            self.connections.configure(new.proxy)
-            _warn_exposure(new)
             self.connections.configure(new.proxy)
             _warn_exposure(new)
             self.memory.cfg = new

@@ -116,20 +116,6 @@ def test_reference_config_documents_every_field() -> None:
         ('[proxy]\nidle_timeout = "0s"', "proxy.idle_timeout", "positive"),
         ('[proxy]\nheader_timeout = "soon"', "proxy.header_timeout", "duration"),
         ("[proxy]\nbody_timeout = -1", "proxy.body_timeout", "positive"),
-        ('[proxy]\ninference_keys = ["short"]', "proxy.inference_keys", "at least 8"),
-        (
-            '[proxy]\napi_keys = ["k-12345678"]\ninference_keys = ["k-12345678"]',
-            "proxy.inference_keys[0]",
-            "also in proxy.api_keys",
-        ),
-        ('[proxy]\nlisten = "0.0.0.0:11434"', "proxy.listen", "proxy.api_keys is empty"),
-        ('[proxy]\nlisten = "box.lan:11434"', "proxy.listen", "allow_unauthenticated"),
-        ('[proxy]\nallow_unauthenticated = "yes"', "proxy.allow_unauthenticated", "true or"),
-        ("[proxy]\nmax_connections = 0", "proxy.max_connections", '"auto" or an integer'),
-        ('[proxy]\nmax_connections = "many"', "proxy.max_connections", '"auto" or'),
-        ('[proxy]\nidle_timeout = "0s"', "proxy.idle_timeout", "positive"),
-        ('[proxy]\nheader_timeout = "soon"', "proxy.header_timeout", "duration"),
-        ("[proxy]\nbody_timeout = -1", "proxy.body_timeout", "positive"),
     ],
 )
 def test_invalid_config_names_key(tmp_path: Path, toml: str, key: str, why: str) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import ipaddress
 import json
-import json
 import os
 import signal
 import socket
@@ -176,16 +175,6 @@ class Front:
                 self.exiting = True
                 await self._answer_then_exit(request, resp)
         return resp
-
-    def _log_headers(self, request: web.Request) -> None:
-        assert self.header_log is not None
-        line = {
-            "method": request.method,
-            "path": request.path,
-            "headers": [[k, v] for k, v in request.headers.items()],
-        }
-        with open(self.header_log, "a", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(json.dumps(line) + "\n")
 
     def _log_headers(self, request: web.Request) -> None:
         assert self.header_log is not None
