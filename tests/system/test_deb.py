@@ -125,11 +125,14 @@ def wait_active(m: Machine, old_main: int | None = None, timeout: float = 60) ->
 
 
 def request_count(m: Machine) -> int:
+    """Requests saved in llmd.db's main file (checkpointed there when llmd last stopped)."""
+    # A running llmd holds its database exclusively; immutable=1 reads the file without locks
+    # (and without the newest writes, still in the -wal).
     r = m.run(
         "sqlite3",
-        "/var/lib/llmd/llmd.db",
+        "file:/var/lib/llmd/llmd.db?immutable=1",
         f"SELECT count(*) FROM requests WHERE model = '{MODEL}'",
-        user="llmd",  # as the daemon, so no root-owned -wal/-shm file is left behind
+        user="llmd",  # as the daemon, so no root-owned file is left behind
     )
     return int(r.stdout)
 
