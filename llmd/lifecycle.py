@@ -62,7 +62,12 @@ class EventSink(Protocol):
 
 # A model's current keep-alive and where it comes from (pinned, fixed, default, adaptive...).
 KeepAlive = policy.KeepAliveDecision
-KeepAliveFn = Callable[["Model"], KeepAlive]
+
+
+class KeepAliveFn(Protocol):
+    """A model's keep-alive, given how long it has been idle already (0 as it goes idle)."""
+
+    def __call__(self, m: Model, idle_s: float = 0.0, /) -> KeepAlive: ...
 
 
 @dataclass
@@ -124,7 +129,7 @@ def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
     """Keep-alive per model: pinned, a fixed override, or learned from its idle gaps."""
     k = cfg.keep_alive
 
-    def decide(m: Model) -> KeepAlive:
+    def decide(m: Model, idle_s: float = 0.0, /) -> KeepAlive:
         mc = cfg.model(m.name)
         if (mc is not None and mc.pin) or m.name in history.pins():
             return policy.pinned_decision()
@@ -148,6 +153,7 @@ def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
             max_s=k.max,
             default_s=k.default,
             prewarm=k.prewarm,
+            idle_s=idle_s,
         )
 
     return decide
@@ -292,7 +298,9 @@ class Lifecycle:
         elif m.prewarmed:
             m.deadline = m.prewarm_expire_at  # pre-warmed for a request that has not come
         else:
-            ka = m.keep_alive = self._keep_alive(m)
+            # Re-armed after a reload, the model may have been idle a while: the policy judges
+            # the ongoing idle period by how long it has lasted.
+            ka = m.keep_alive = self._keep_alive(m, max(self._clock() - idle_since, 0.0))
             m.deadline = None if ka.keep_alive_s is None else idle_since + ka.keep_alive_s
             m.prewarm_at = m.prewarm_expire_at = None
             if ka.prewarm_after_s is not None and ka.prewarm_expire_s is not None:

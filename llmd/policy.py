@@ -156,10 +156,13 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
+PRIOR_GAPS = 1.0
+"""Weight of the prior, the configured default keep-alive, in idle gaps: decide_keep_alive
+counts this many pseudo-gaps of the default's length alongside the recorded ones (see the module
+docstring). Giving way to the evidence costs about PRIOR_GAPS cold starts per model at most."""
 MIN_SAMPLES = 3
-"""Fewer gaps than this and the histogram is not used (fallback to T*). Learning is
-self-correcting either way (a wrong short timeout adds the short gaps it misses to the
-histogram, a wrong long one the long gaps), so little evidence is needed."""
+"""Eviction (`p_request_soon`, `eviction_cost_s`) uses a model's histogram only from this many
+gaps on; without it, it falls back to distribution-free estimates."""
 PREWARM_MIN_SAMPLES = 20
 """Pre-warm relies on the head of the distribution, which needs more evidence than the tail."""
 MARGIN = 0.10
@@ -235,37 +238,80 @@ def decide_keep_alive(
     max_s: float,
     default_s: float,
     prewarm: bool = False,
+    idle_s: float = 0.0,
 ) -> KeepAliveDecision:
-    """Choose a model's keep-alive from its idle-gap history (see the module docstring).
+    """Choose a model's keep-alive from its idle-gap history and the default (module docstring).
 
-    With prewarm=True it may instead return a pre-warm window (unload early, reload shortly
-    before the predicted next request, unload again at prewarm_expire_s) when that is cheaper in
-    expectation over the history than the best plain keep-alive.
+    idle_s is how long the model has been idle already (0 as it goes idle; more when a reload
+    re-arms its timer). keep_alive_s always counts from the start of the idle period: a value at
+    or below idle_s means unload now. With prewarm=True it may instead return a pre-warm window
+    (unload early, reload shortly before the predicted next request, unload again at
+    prewarm_expire_s) when that is cheaper in expectation than the best plain keep-alive.
     """
+    idle = max(idle_s, 0.0)
+    plan = _plan(hist, load_s, size_gb, priority, beta, min_s, max_s, default_s, prewarm)
+    running = plan.keep_alive_s is None or idle < plan.keep_alive_s
+    if running or (plan.prewarm_expire_s is not None and idle < plan.prewarm_expire_s):
+        # Everything learned since the idle period began is that it has not ended yet, and the
+        # plan already priced that in: the cost-optimal timeout over T >= idle is the same one.
+        return plan
+    # The period has outlived its plan: judge it by the gaps that lasted at least this long,
+    # with the prior moved to the distribution-free choice, keeping up to T*.
+    n = hist.samples
+    t_star = break_even_s(load_s, size_gb, priority, beta)
+    cap = min(t_star, max_s)
+    rent = beta * size_gb
+    buy = priority_weight(priority) * max(load_s, 0.0)
+    t, kind, covered = _least_cost_timeout(hist, rent, buy, cap, cap, idle)
+    if kind == _EDGE:
+        t = min(t * (1 + MARGIN), cap)
+    source = "fallback" if kind == _PRIOR or n == 0 else "adaptive"
+    return KeepAliveDecision(_clamp(t, min_s, max_s), source, n, 100.0 * covered / n if n else None)
+
+
+def _plan(
+    hist: IdleHistogram,
+    load_s: float,
+    size_gb: float,
+    priority: int,
+    beta: float,
+    min_s: float,
+    max_s: float,
+    default_s: float,
+    prewarm: bool,
+) -> KeepAliveDecision:
+    """decide_keep_alive's decision as the model goes idle (idle_s = 0)."""
     n = hist.samples
     if n == 0:
         return default_decision(_clamp(default_s, min_s, max_s))
     t_star = break_even_s(load_s, size_gb, priority, beta)
     cap = min(t_star, max_s)
-    if n < MIN_SAMPLES or (t_star > RANGE_S and hist.oob >= OOB_UNREPRESENTATIVE * n):
+    if t_star > RANGE_S and hist.oob >= OOB_UNREPRESENTATIVE * n:
         return KeepAliveDecision(_clamp(t_star, min_s, max_s), "fallback", n, None)
 
     rent = beta * size_gb  # latency-seconds per idle second
     buy = priority_weight(priority) * load_s  # latency-seconds per cold start
-    counts = hist.counts
-    keep, cum_n, cum_g = _timeout_costs(counts, n, rent, buy)
-    kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
-    best_k = _best_timeout(keep, kmax)
+    prior_s = min(max(default_s, 0.0), cap)
+    t, kind, covered = _least_cost_timeout(hist, rent, buy, cap, prior_s, 0.0)
+    if kind == _EDGE:
+        t = min(t * (1 + MARGIN), cap)
     plain = KeepAliveDecision(
-        _clamp(_with_margin(best_k, cap), min_s, max_s),
-        "adaptive",
-        n,
-        100.0 * cum_n[best_k] / n,
+        _clamp(t, min_s, max_s), "default" if kind == _PRIOR else "adaptive", n, 100.0 * covered / n
     )
     if not prewarm or n < PREWARM_MIN_SAMPLES:
         return plain
 
-    window = _best_prewarm(counts, n, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
+    # Pre-warm is searched over the same posterior, the prior's pseudo-gaps counted in the
+    # default's bin (the window search works on bins).
+    counts: list[float] = [float(c) for c in hist.counts]
+    n_post = n + PRIOR_GAPS
+    b = bin_index(prior_s)
+    if b < NBINS:
+        counts[b] += PRIOR_GAPS
+    keep, cum_n, cum_g = _timeout_costs(counts, n_post, rent, buy)
+    kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
+    best_k = _best_timeout(keep, kmax)
+    window = _best_prewarm(counts, n_post, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
     if window is None:
         return plain
     cost, served, k1, j, k2 = window
@@ -273,12 +319,80 @@ def decide_keep_alive(
     start = EDGES[j] * (1 - MARGIN) - load_s
     if cost >= (1 - PREWARM_GAIN) * keep[best_k] or unload_s >= start:
         return plain
-    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, EDGES[k2])
+    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n_post, start, EDGES[k2])
+
+
+_STOP, _EDGE, _PRIOR = range(3)  # what _least_cost_timeout's timeout is
+
+
+def _least_cost_timeout(
+    hist: IdleHistogram, rent: float, buy: float, cap: float, prior_s: float, after_s: float
+) -> tuple[float, int, int]:
+    """The least-cost timeout T in [after_s, cap] for a gap known to last at least after_s, as
+    (T, what T is, how many recorded gaps T covers).
+
+    The gap's distribution is the posterior of the module docstring: the recorded gaps longer
+    than after_s (in a bin that after_s splits, the share above it, taken as uniform) and
+    PRIOR_GAPS pseudo-gaps of prior_s if that is longer. A covered gap g costs rent * g, any
+    other rent * T + buy. Candidates: after_s itself (_STOP: unload now), the bin edges
+    (_EDGE: the caller adds the margin) and prior_s (_PRIOR); on ties the shortest.
+    """
+    counts = hist.counts
+    first = bisect.bisect_right(EDGES, after_s)  # the first edge beyond after_s
+    last = bisect.bisect_right(EDGES, cap)  # edges [first, last) are the _EDGE candidates
+    mass: list[tuple[float, float]] = [(0.0, 0.0)] * NBINS  # (count, gap) beyond after_s
+    total = float(hist.oob)
+    for b in range(max(first - 1, 0), NBINS):
+        c = counts[b]
+        if c:
+            lo, hi = EDGES[b], EDGES[b + 1]
+            if lo < after_s:
+                mass[b] = (c * (hi - after_s) / (hi - lo), (after_s + hi) / 2)
+            else:
+                mass[b] = (float(c), _REPS[b])
+            total += mass[b][0]
+    prior = PRIOR_GAPS if after_s < prior_s <= cap else 0.0
+    total += prior
+
+    best_t, best_kind = after_s, _STOP
+    best = (rent * after_s + buy) * total
+    cn = 0.0  # covered count and gap sum so far
+    cg = 0.0
+
+    def consider(t: float, kind: int) -> None:
+        nonlocal best_t, best_kind, best
+        cost = rent * (cg + (total - cn) * t) + buy * (total - cn)
+        if cost < best * (1 - 1e-12):
+            best_t, best_kind, best = t, kind, cost
+
+    for k in range(first, last):
+        edge = EDGES[k]
+        if prior and prior_s < edge:
+            cn += prior
+            cg += prior * prior_s
+            prior = 0.0
+            consider(prior_s, _PRIOR)
+        m, g = mass[k - 1]
+        cn += m
+        cg += m * g
+        if prior and prior_s == edge:
+            cn += prior
+            cg += prior * prior_s
+            prior = 0.0
+            consider(prior_s, _PRIOR)
+        else:
+            consider(edge, _EDGE)
+    if prior:  # beyond the last edge within the cap
+        cn += prior
+        cg += prior * prior_s
+        consider(prior_s, _PRIOR)
+    covered = sum(counts[: max(bisect.bisect_right(EDGES, best_t) - 1, 0)])
+    return best_t, best_kind, covered
 
 
 def _timeout_costs(
-    counts: list[int], n: int, rent: float, buy: float
-) -> tuple[list[float], list[int], list[float]]:
+    counts: Sequence[float], n: float, rent: float, buy: float
+) -> tuple[list[float], list[float], list[float]]:
     """(keep, cum_n, cum_g) over the candidate timeouts EDGES[k], k = 0..NBINS.
 
     Timeout EDGES[k] serves bins < k warm (EDGES[0] = 0: unload at once). keep[k] is its total
@@ -286,9 +400,9 @@ def _timeout_costs(
     rent * EDGES[k] + buy. cum_n[k], cum_g[k]: count and gap sum of bins < k.
     """
     keep = [buy * n]
-    cum_n = [0]
+    cum_n = [0.0]
     cum_g = [0.0]
-    cn = 0
+    cn = 0.0
     cg = 0.0
     for k in range(1, NBINS + 1):
         c = counts[k - 1]
@@ -337,10 +451,10 @@ def _history_timeout(hist: IdleHistogram, n: int, rent: float, buy: float, cap: 
 
 
 def _best_prewarm(
-    counts: list[int],
-    n: int,
+    counts: Sequence[float],
+    n: float,
     keep: list[float],
-    cum_n: list[int],
+    cum_n: list[float],
     cum_g: list[float],
     kmax: int,
     cap: float,

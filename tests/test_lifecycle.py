@@ -74,7 +74,7 @@ async def parts(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def decide(m: Model) -> KeepAlive:
+def decide(m: Model, idle_s: float = 0.0) -> KeepAlive:
     """Unload 0.3 s after going idle, reload at 1 s, unload again at 2 s if still unused."""
     return KeepAliveDecision(0.3, "adaptive", 5, 99.0, prewarm_after_s=1.0, prewarm_expire_s=2.0)
 

@@ -13,6 +13,7 @@ import pytest
 from llmd.policy import (
     EDGES,
     NBINS,
+    PRIOR_GAPS,
     RANGE_S,
     Candidate,
     IdleHistogram,
@@ -182,13 +183,16 @@ def test_helpers(decision: KeepAliveDecision, expected: KeepAliveDecision) -> No
         # No history: [keep_alive] default, clamped to [min, max].
         ([], {}, 600.0, "default"),
         ([], {"max_s": 300.0}, 300.0, "default"),
-        # Too few gaps: the distribution-free T* (ski rental).
-        ([100, 100], {}, T_STAR, "fallback"),
-        ([100, 100], {"max_s": 900.0}, 900.0, "fallback"),
+        # Too few gaps to outweigh the default (worth PRIOR_GAPS gaps), within T* and max.
+        ([100, 100], {}, 600.0, "default"),
+        ([100, 100], {"max_s": 300.0}, 300.0, "default"),
+        # Gaps of ~100 s and nothing longer: no evidence against the default either.
+        ([100] * 50, {}, 600.0, "default"),
         # T* beyond the histogram's range and mostly OOB gaps: the history cannot tell.
         ([5 * 3600] * 8 + [60], {"beta": 1e-5}, 4 * 3600.0, "fallback"),
-        # All gaps ~100 s: keep to the upper edge of their bin plus the 10% tail margin.
-        ([100] * 50, {}, 105.0 * 1.1, "adaptive"),
+        # Gaps of ~100 s between long silences: keep to the upper edge of their bin plus the
+        # 10% tail margin.
+        ([100] * 50 + [3 * 3600] * 10, {}, 105.0 * 1.1, "adaptive"),
         # All gaps beyond T*: keeping never pays, unload at once.
         ([3 * 3600] * 20, {}, 0.0, "adaptive"),
         ([T_STAR * 1.2] * 20, {}, 0.0, "adaptive"),
@@ -200,7 +204,7 @@ def test_helpers(decision: KeepAliveDecision, expected: KeepAliveDecision) -> No
         # ... but not for a low-priority one (T* 22 min).
         ([2400] * 20, {"priority": 4}, 0.0, "adaptive"),
         # min/max bound the learned value.
-        ([100] * 50, {"min_s": 300.0}, 300.0, "adaptive"),
+        ([100] * 50 + [3 * 3600] * 10, {"min_s": 300.0}, 300.0, "adaptive"),
         ([2400] * 20, {"max_s": 1200.0}, 0.0, "adaptive"),
     ],
 )
@@ -215,11 +219,14 @@ def test_decide_keep_alive(
     assert d.prewarm_after_s is None
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(12))
 def test_keep_alive_minimises_cost_over_history(seed: int) -> None:
-    """The chosen timeout is the least-cost edge <= T* over the history, plus 10% within T*."""
+    """The chosen timeout is the least-cost edge <= T* over the history and the default's
+    PRIOR_GAPS pseudo-gaps, plus 10% within T* (none when the default itself is cheapest)."""
     rng = random.Random(seed)
-    h = IdleHistogram(counts=[rng.choice([0, 0, 1, 5, 20]) for _ in range(NBINS)], oob=5)
+    top = rng.choice([NBINS, 40, 20])  # some histograms with short gaps only
+    counts = [rng.choice([0, 0, 0, 0, 1, 5, 20]) if i < top else 0 for i in range(NBINS)]
+    h = IdleHistogram(counts=counts, oob=rng.choice([0, 1, 5]))
     d = decide(h)
     rent: float = MODEL["beta"] * MODEL["size_gb"]
     buy: float = priority_weight(2) * MODEL["load_s"]
@@ -229,13 +236,17 @@ def test_keep_alive_minimises_cost_over_history(seed: int) -> None:
         for i, c in enumerate(h.counts):
             g = (EDGES[i] + EDGES[i + 1]) / 2
             total += c * (rent * g if EDGES[i + 1] <= t else rent * t + buy)
-        return total
+        default = BOUNDS["default_s"]
+        return total + PRIOR_GAPS * (rent * default if default <= t else rent * t + buy)
 
-    candidates = [t for t in EDGES if t <= T_STAR]
+    candidates = sorted([t for t in EDGES if t <= T_STAR] + [BOUNDS["default_s"]])
     best = min(cost(t) for t in candidates)
     best_t = next(t for t in candidates if cost(t) <= best * (1 + 1e-9))  # shortest on ties
     assert d.keep_alive_s is not None and d.keep_alive_s <= T_STAR
-    assert d.keep_alive_s == pytest.approx(min(best_t * 1.1, T_STAR))  # plus the tail margin
+    if best_t == BOUNDS["default_s"]:
+        assert (d.keep_alive_s, d.source) == (best_t, "default")
+    else:
+        assert d.keep_alive_s == pytest.approx(min(best_t * 1.1, T_STAR))  # plus the margin
 
 
 def test_percentile_is_the_share_kept_warm() -> None:
