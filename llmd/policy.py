@@ -24,8 +24,25 @@ optimal fixed timeout for that model given its history. Three bounds keep that c
   and then gets the margin (`MARGIN`);
 - it is clamped to the operator's [min_s, max_s].
 
-With fewer than `MIN_SAMPLES` gaps, or when the decisive gaps are out of the histogram's range,
-the decision falls back to T* itself, the distribution-free (2-competitive) choice.
+The history is weighed against a prior, the configured default D: the gaps are taken from the
+posterior predictive of a Dirichlet process whose base is a point mass at D (capped at T*) with a
+weight of `PRIOR_GAPS` gaps, i.e. the recorded gaps plus PRIOR_GAPS pseudo-gaps of length D. A
+pseudo-gap is covered by any timeout >= D, so the default stands until the recorded gaps show it
+wasted: a short burst (three gaps of seconds) says nothing about the minutes after it and keeps
+D, where the histogram alone had every timeout past the burst tie and took the shortest. It
+gives way once the silences that outlast a shorter timeout t cost more idle memory than the
+pseudo-gaps' cold starts, after about PRIOR_GAPS * (T* - D + t) / (D - t) such silences; the
+extra idle time until then is worth about PRIOR_GAPS cold starts per model. With no history the
+decision is the default itself; when the decisive gaps are out of the histogram's range (T*
+beyond 4 h and most gaps OOB), T*, the distribution-free (2-competitive) choice.
+
+The ongoing idle period is a right-censored gap: it has lasted idle_s and will last at least
+that long. Over timeouts T >= idle_s the cost-optimal choice is the one made as the model went
+idle (the gaps shorter than idle_s cost the same under all of them), so that decision stands
+while it runs. Once a model has outlived it (a reload re-arms a model idle past its keep-alive),
+the decision is made again over the recorded gaps longer than idle_s and PRIOR_GAPS pseudo-gaps
+at T*: without evidence about gaps that long, the ski-rental rule (keep until T*) decides, not
+older, shorter gaps; with it, the evidence.
 """
 
 from __future__ import annotations
