@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -201,7 +202,8 @@ async def test_stopped_child_is_seen_at_once_and_killed(session: aiohttp.ClientS
     """A SIGSTOPped child is unresponsive at the next probe, without waiting for the probe
     timeout, and after probe_failures probes it is killed (it would never act on SIGTERM)."""
     # A probe timeout longer than the test: only the /proc state can tell in time.
-    b = backend("ignore-term", probe_timeout=60.0, probe_failures=3, stop_timeout=60.0)
+    # Nor is there time to wait for SIGTERM to act (stop_timeout): the kill must be SIGKILL.
+    b = backend("serve", probe_timeout=60.0, probe_failures=3, stop_timeout=60.0)
     child = Child(b, instance="i", session=session)
     task = asyncio.create_task(child.supervise())
     await child.wait_settled()
@@ -209,7 +211,7 @@ async def test_stopped_child_is_seen_at_once_and_killed(session: aiohttp.ClientS
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
-        await wait_state(child, State.UNRESPONSIVE, timeout=3)
+        await wait_state(child, State.UNRESPONSIVE, timeout=10)
         assert not child.running
         assert "stopped" in (child.error or "")
         async with asyncio.timeout(10):
@@ -244,6 +246,7 @@ async def test_hung_child_is_killed_after_failed_probes(session: aiohttp.ClientS
     await wait_state(child, State.RUNNING)
     assert child.pid != pid
     assert "did not answer GET /" in exits[0] and "killed" in exits[0]
+    child.cfg = dataclasses.replace(child.cfg, stop_timeout=0.3)  # the new one ignores SIGTERM too
     await child.stop()
     await task
 
