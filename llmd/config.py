@@ -143,6 +143,9 @@ class ProxyConfig:
 
     listen: str = "127.0.0.1:11434"
     max_body_size: int = 32 * 1024**2
+    # Request bodies held in memory at once, over all requests; a body waits up to body_wait.
+    body_memory: int = 128 * 1024**2
+    body_wait: float = 30.0
     # Full access: inference, listing and model management (pull, push, create, copy, delete).
     api_keys: tuple[str, ...] = ()
     # Inference and read-only listing only.
@@ -474,6 +477,8 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         ProxyConfig,
         listen=_listen,
         max_body_size=parse_size,
+        body_memory=parse_size,
+        body_wait=_positive_duration,
         api_keys=_api_keys,
         inference_keys=_api_keys,
         allow_unauthenticated=_bool,

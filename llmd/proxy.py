@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmd.backends import Backends
@@ -83,6 +84,8 @@ UPLOAD_SLICE = 256 * 1024
 BODY_STEP = 1024 * 1024
 # What llmd_requests_total counts for a request whose client went away (nginx's convention).
 CLIENT_CLOSED = 499
+# A client's malformed request or body, as aiohttp reports it.
+BAD_BODY = (HttpProcessingError, RequestPayloadError)
 # The longest duration Go's time.Duration holds (int64 nanoseconds), in seconds.
 MAX_DURATION_S = (2**63 - 1) / 1e9
 # Health checks answer GET and HEAD without an API key; any other method needs one.
@@ -273,7 +276,10 @@ class Proxy:
         try:
             return await handler(request)
         except ProxyError as e:
-            return error_response(request, e)
+            resp = error_response(request, e)
+            if e.headers.get("Connection") == "close":
+                resp.force_close()  # rather than read the rest of a body nobody wants
+            return resp
         except (web.HTTPException, asyncio.CancelledError):
             raise
         except Exception as e:  # answer in the client's API shape, not aiohttp's plain text
@@ -450,12 +456,15 @@ class Proxy:
         hold = self._hold()
         await self._reserve(hold, size or 0)
         buf = bytearray()
-        async for chunk in request.content.iter_any():
-            buf += chunk
-            if len(buf) > limit:
-                raise _too_large(None, limit)
-            if len(buf) > hold.n:  # chunked: no size was announced
-                await self._reserve(hold, max(BODY_STEP, len(buf) - hold.n))
+        try:
+            async for chunk in request.content.iter_any():
+                buf += chunk
+                if len(buf) > limit:
+                    raise _too_large(None, limit)
+                if len(buf) > hold.n:  # chunked: no size was announced
+                    await self._reserve(hold, max(BODY_STEP, len(buf) - hold.n))
+        except BAD_BODY as e:
+            raise _unreadable(e) from None
         if not buf or buf.isspace():
             raise ProxyError(400, missing_body(request.path))
         text = ""
@@ -691,7 +700,9 @@ class Proxy:
                 status = CLIENT_CLOSED
                 log.debug("%s %s: client went away: %r", request.method, request.path, e)
                 return resp if resp is not None else web.Response(status=CLIENT_CLOSED)
-            err = _backend_error(child.name, e)
+            # The client's body may have failed on its way through, rather than the child.
+            bad = request.content.exception()
+            err = _unreadable(bad) if isinstance(bad, BAD_BODY) else _backend_error(child.name, e)
             status = err.status
             if resp is not None and resp.prepared:  # too late for an error status
                 log.warning("%s %s: %s", request.method, request.path, err.message)
@@ -844,8 +855,14 @@ async def _end_broken(
 ) -> None:
     """End a response whose child failed after the status line went out, so that clients
     raise: a last error line (NDJSON, as Ollama does), an error event (SSE), else a cut."""
-    msg = f"backend {name!r} failed mid-stream: {e}"
-    log.warning("%s %s: %s", request.method, request.path, msg)
+    log.warning("%s %s: backend %s failed mid-stream: %s", request.method, request.path, name, e)
+    if isinstance(e, TimeoutError):
+        why = "it did not answer in time"
+    elif isinstance(e, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        why = "its connection closed before the answer was complete"
+    else:
+        why = str(e)
+    msg = f"backend {name!r} failed mid-stream: {why}"
     ctype = up.headers.get("Content-Type", "")
     last: dict[str, Any]
     if "ndjson" in ctype:
@@ -878,11 +895,11 @@ class _BadRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if not isinstance(exc, BAD_BODY):
             return True
         args = record.args if isinstance(record.args, tuple) else ()
-        why = " ".join(str(exc.message or exc).split())[:200]
-        log.debug("bad HTTP request from %s: %s %s", args[0] if args else "?", exc.code, why)
+        why = " ".join(str(getattr(exc, "message", "") or exc.__cause__ or exc).split())[:200]
+        log.debug("bad HTTP request from %s: %s", args[0] if args else "?", why)
         return False
 
 
@@ -908,8 +925,16 @@ def _syntax_message(text: str, e: ValueError) -> str:
 def _too_large(size: int | None, limit: int) -> ProxyError:
     got = f"{size} bytes" if size is not None else "more"
     return ProxyError(
-        413, f"request body too large: {got} exceeds proxy.max_body_size ({limit} bytes)"
+        413,
+        f"request body too large: {got} exceeds proxy.max_body_size ({limit} bytes)",
+        {"Connection": "close"},
     )
+
+
+def _unreadable(e: BaseException) -> ProxyError:
+    """400 for a body that cannot be read as sent (bad chunking or content encoding)."""
+    why = " ".join(str(getattr(e, "message", "") or e.__cause__ or e).split())
+    return ProxyError(400, f"cannot read the request body: {why}", {"Connection": "close"})
 
 
 def _counters(tail: bytes) -> dict[str, int]:

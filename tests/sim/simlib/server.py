@@ -212,7 +212,8 @@ def build_app(settings: Settings, engine: Engine) -> web.Application:
     """The aiohttp application with Ollama's routes."""
     front = Front(settings)
     hosts = HostCheck(settings.host)
-    app = web.Application(middlewares=[front.middleware, hosts.middleware])
+    # Ollama (gin) sets no limit on request bodies; aiohttp's default is 1 MiB.
+    app = web.Application(client_max_size=1 << 40, middlewares=[front.middleware, hosts.middleware])
     native = NativeApi(engine)
     app.add_routes(native.routes())
     app.add_routes(OpenAiApi(native).routes())
