@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -240,6 +241,8 @@ class Store:
         self._busy_until: dict[str, float] = {}
         self._facts: dict[str, ModelFacts] = {}
         self._pins: set[str] = set()
+        # Pins read from a database that could not be opened for writing, in force until it can.
+        self._peeked_pins: set[str] = set()
         self._fact_updates: deque[_FactUpdate] = deque(maxlen=1000)
         self._first_start: dict[str, float] = {}  # per model, its first request before _loaded
         self._merged: dict[str, dict[int, tuple[str, IdleHistogram]]] = {}
@@ -325,7 +328,10 @@ class Store:
 
     def pins(self) -> set[str]:
         """The models pinned at runtime."""
-        return set(self._pins)
+        if self._loaded:
+            return set(self._pins)
+        unpinned = self._dirty_pins - self._pins
+        return (self._peeked_pins - unpinned) | self._pins
 
     def status(self) -> dict[str, Any]:
         """The store's health for the admin API."""
@@ -591,6 +597,7 @@ class Store:
         except Exception as exc:
             if _errcode(exc) not in (_CORRUPT, _NOTADB):
                 self._set_degraded(exc)
+                await self._peek_pins(exc)
                 return False
             if not self._move_aside(exc):
                 return False
@@ -600,6 +607,29 @@ class Store:
         except Exception as exc:
             self._set_degraded(exc)
             return False
+
+    async def _peek_pins(self, exc: Exception) -> None:
+        """Read the pins of a database that cannot be opened for writing, to keep them in force."""
+        if self._loaded or self._peeked_pins or _errcode(exc) in (_BUSY, _LOCKED):
+            return  # another writer may be halfway through: no lock-free read then
+        # immutable=1 reads the file as it is, without locks, -wal or -shm: a read-only disk
+        # allows nothing more. Pins written since the last checkpoint may be missing.
+        uri = f"file:{quote(str(self.path.absolute()))}?immutable=1"
+        try:
+            if not self.path.is_file():
+                return
+            async with aiosqlite.connect(uri, uri=True) as db:
+                rows = await _fetchall(db, "SELECT model FROM pins")
+        except Exception as err:
+            log.debug("database %s: pins unreadable too: %s", self.path, _one_line(err))
+            return
+        self._peeked_pins = {str(r[0]) for r in rows}
+        if self._peeked_pins:
+            log.warning(
+                "database %s: pins read from the file as it is on disk, in force meanwhile: %s",
+                self.path,
+                ", ".join(sorted(self._peeked_pins)),
+            )
 
     async def _open_db(self) -> aiosqlite.Connection:
         """Connect, set the pragmas, migrate and read the learned state."""
@@ -731,6 +761,7 @@ class Store:
             else:
                 pins.discard(model)
         self._pins = pins
+        self._peeked_pins.clear()
         self._merged.clear()
         self._rows = rows
         self._loaded = True

@@ -581,3 +581,26 @@ async def test_unsaved_pin_is_named_when_the_store_closes(opener, tmp_path, capl
     assert not await s.set_pin("m", True)
     await s.close()
     assert "pin changes not saved, lost at this stop: m pinned" in caplog.text
+
+
+async def test_pins_of_an_unwritable_database_stay_in_force(opener, db_path, immutable, caplog):
+    """A database that cannot be opened for writing still lends its pins until it can."""
+    s = await opener()
+    await s.set_pin("a", True)
+    await s.set_pin("b", True)
+    _learn(s)
+    await s.close()
+    immutable(db_path.parent)  # no -wal can be created: SQLite cannot open the database
+    s2 = await opener()
+    assert s2.degraded is not None and "immutable" in s2.degraded
+    assert s2.pins() == {"a", "b"}
+    assert "pins read from the file as it is on disk" in caplog.text
+    assert not await s2.set_pin("b", False)
+    assert not await s2.set_pin("c", True)
+    assert s2.pins() == {"a", "c"}
+    _chattr("-i", db_path.parent)
+    assert await s2.flush()
+    assert s2.pins() == {"a", "c"}
+    assert s2.idle_histogram("m").to_dict() == hist(99)
+    await s2.close()
+    assert sorted(query(db_path, "SELECT model FROM pins")) == [("a",), ("c",)]
