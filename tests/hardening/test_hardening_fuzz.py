@@ -60,6 +60,7 @@ class Case:
     body: bytes | None = None
     raw: bytes | None = None
     half_close: bool = False  # raw: shut the write side after sending (a truncated body)
+    abort: bool = False  # raw: go away after the first bytes of the answer (or none)
 
 
 @dataclass
@@ -356,6 +357,21 @@ def case_truncated(rng: random.Random) -> Case:
     return Case("truncated bodies", raw=raw, half_close=True)
 
 
+def case_abort(rng: random.Random) -> Case:
+    path = rng.choice(["/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"])
+    fields = '"messages":[{"role":"user","content":"hi"}]' if "chat" in path else '"prompt":"hi"'
+    body = (
+        '{"model":"tiny:1m","stream":true,' + fields + ',"max_tokens":40,'
+        '"options":{"num_predict":40}}'
+    ).encode()
+    cut = rng.choice([len(body), len(body), len(body) // 2, 0])
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return Case("client aborts", raw=head.encode() + body[:cut], abort=True)
+
+
 FAMILIES: list[tuple[float, Callable[[random.Random], Case]]] = [
     (0.2, case_json),
     (0.3, case_fields),
@@ -364,6 +380,24 @@ FAMILIES: list[tuple[float, Callable[[random.Random], Case]]] = [
     (0.1, case_headers),
     (0.15, case_raw),
     (0.08, case_truncated),
+    (0.04, case_abort),
+]
+
+
+# The daemon requires a key: most requests carry it, so that they reach past the key check;
+# the rest carry odd Authorization headers.
+KEY = "fuzz-key-0123456789"
+ODD_AUTH = [
+    "",
+    "Bearer",
+    "Bearer ",
+    "bearer " + KEY,
+    "Bearer " + KEY + " extra",
+    "Bearer " + KEY[:-1],
+    "Bearer \u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9\u00e9",
+    "Basic Zm9vOmJhcg==",
+    "Bearer " + "k" * 10000,
+    "Bearer\t" + KEY,
 ]
 
 
@@ -372,7 +406,11 @@ def cases(seed: int, n: int) -> Iterator[Case]:
     weights = [w for w, _ in FAMILIES]
     makers = [m for _, m in FAMILIES]
     for _ in range(n):
-        yield rng.choices(makers, weights)[0](rng)
+        c = rng.choices(makers, weights)[0](rng)
+        if c.raw is None and "Authorization" not in c.headers:
+            auth = "Bearer " + KEY if rng.random() < 0.85 else rng.choice(ODD_AUTH)
+            c.headers = {**c.headers, "Authorization": auth}
+        yield c
 
 
 # -- sending ----------------------------------------------------------------------------------
@@ -411,6 +449,10 @@ async def send_raw(port: int, c: Case) -> Outcome:
         await writer.drain()
         if c.half_close and writer.can_write_eof():
             writer.write_eof()
+        if c.abort:
+            if c.raw.endswith(b"}"):  # the whole body went: wait for the answer to begin
+                await asyncio.wait_for(reader.read(1), 15)
+            return Outcome(True, "aborted")
         try:
             got = await asyncio.wait_for(reader.read(65536), 15)
         except TimeoutError:
@@ -455,7 +497,10 @@ async def run_cases(d: Llmd, all_cases: list[Case]) -> list[Outcome]:
 def fuzzed(tmp_path: Path) -> Iterator[Llmd]:
     d = make_llmd(
         tmp_path / "d",
-        sections={"daemon": {"log_level": "info"}, "proxy": {"max_body_size": "4MiB"}},
+        sections={
+            "daemon": {"log_level": "info"},
+            "proxy": {"max_body_size": "4MiB", "api_keys": [KEY]},
+        },
     )
     try:
         yield d.start()
