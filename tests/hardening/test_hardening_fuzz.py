@@ -542,6 +542,16 @@ def test_fuzzed_requests_get_no_llmd_5xx_and_the_daemon_lives(fuzzed: Llmd, figu
     assert d.proc is not None and d.proc.poll() is None, "llmd died"
     assert get_status(d.url + "/healthz") == 200
     assert d.llmctl("status").returncode == 0
+    # Nothing the clients did is counted as a backend failure; their aborts are 499s.
+    counted = requests_by_status(d)
+    figures.add(
+        "fuzz: requests counted",
+        tried=sum(counted.values()),
+        handled=sum(counted.values()) - counted["502"],
+        failures=counted["502"],
+        note=", ".join(f"{k}: {v}" for k, v in sorted(counted.items())),
+    )
+    assert counted["502"] == 0, counted
     # A child's own log lines come through llmd's log as "llmd.backend.NAME": its tracebacks
     # are the simulator's, not llmd's.
     lines = [x for x in d.logs().splitlines() if "Traceback" in x]
@@ -561,3 +571,15 @@ def test_fuzzed_requests_get_no_llmd_5xx_and_the_daemon_lives(fuzzed: Llmd, figu
 def get_status(url: str) -> int:
     with urllib.request.urlopen(url, timeout=30) as r:
         return int(r.status)
+
+
+def requests_by_status(d: Llmd) -> Counter[str]:
+    """llmd_requests_total summed by status."""
+    req = urllib.request.Request(d.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read().decode()
+    out: Counter[str] = Counter()
+    for labels, n in re.findall(r"^llmd_requests_total\{(.*)\} (\S+)$", text, re.M):
+        status = re.search(r'status="(\d+)"', labels)
+        out[status.group(1) if status else "?"] += int(float(n))
+    return out
