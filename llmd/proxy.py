@@ -924,10 +924,10 @@ def _syntax_message(text: str, e: ValueError) -> str:
 
 def _too_large(size: int | None, limit: int) -> ProxyError:
     got = f"{size} bytes" if size is not None else "more"
+    # The connection stays open: aiohttp reads and drops the rest for a while (its lingering
+    # close), so that a client still sending sees this answer rather than a reset.
     return ProxyError(
-        413,
-        f"request body too large: {got} exceeds proxy.max_body_size ({limit} bytes)",
-        {"Connection": "close"},
+        413, f"request body too large: {got} exceeds proxy.max_body_size ({limit} bytes)"
     )
 
 

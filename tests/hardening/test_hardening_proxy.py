@@ -209,6 +209,21 @@ def test_expect_continue_over_limit_is_refused_before_continuing(daemon: Factory
     assert raw_exchange(d.proxy_port, small, read_first=True).startswith(b"HTTP/1.1 100")
 
 
+def test_chunked_body_over_limit_gets_413_while_still_sending(daemon: Factory) -> None:
+    """A chunked body that grows past proxy.max_body_size gets 413, which the client reads,
+    rather than a reset connection."""
+    d = daemon(sections={"proxy": {"max_body_size": "1MiB"}}).start()
+
+    def body() -> Iterator[bytes]:
+        yield b'{"model": "tiny:1m", "prompt": "'
+        for _ in range(64):
+            yield b"x" * 65536
+
+    with httpx.Client(timeout=30) as c:
+        r = c.post(d.url + "/api/generate", content=body())
+    assert r.status_code == 413 and "max_body_size" in r.json()["error"]
+
+
 MALFORMED = [
     b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
