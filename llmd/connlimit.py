@@ -271,6 +271,10 @@ class _Conn(asyncio.Protocol):
     def end(self) -> None:
         self.request = None
         self.partial = False
+        if not self.admitted:
+            # The client left mid-request: a new timer would hold this connection (and
+            # aiohttp's handler) for idle_timeout after it closed (issue 9, the leak check).
+            return
         self.since = self._loop.time()
         self.owner._set_busy(self, False)
         self._schedule(self.since + self.owner.idle_timeout)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import faulthandler
 import logging
@@ -13,9 +15,9 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psutil
@@ -323,6 +325,7 @@ class Daemon:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
             self.notifier.notify(f"STATUS={self.summary()}")
+            release_free_heap()
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log."""
@@ -538,6 +541,28 @@ class Daemon:
                 }
             )
         return out
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where there is one."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast(Callable[[int], int], libc.malloc_trim)
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_free_heap() -> None:
+    """Give memory freed inside the C heap back to the system (glibc only).
+
+    Requests of every size leave free holes in glibc's heap that it keeps; without this llmd's
+    RSS crept up by tens of bytes per request for as long as it ran (issue 9). It takes well
+    under a millisecond."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _unlink(path: Path) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger("llmd.store")
 
 DAY_S = 86400.0
 LOAD_S_WEIGHT = 0.3  # weight of the newest load in the load time's moving average
+CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
 
 SCHEMA_VERSION = 1
 
@@ -650,6 +651,10 @@ class Store:
                 log.warning("database %s: WAL mode unavailable, using %s", self.path, mode)
             # In WAL mode NORMAL is crash-safe; a power loss can only lose the last flushes.
             await db.execute("PRAGMA synchronous = NORMAL")
+            # SQLite caches every page it touches up to 2 MiB by default, so llmd's memory grew
+            # with the request log (~100 B per request); llmd reads the database only at start,
+            # for `llmctl events` and when pruning, so a small cache costs nothing.
+            await db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
             await self._migrate(db)
             await self._load(db)
         except BaseException:
