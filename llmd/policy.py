@@ -24,25 +24,29 @@ optimal fixed timeout for that model given its history. Three bounds keep that c
   and then gets the margin (`MARGIN`);
 - it is clamped to the operator's [min_s, max_s].
 
-The history is weighed against a prior, the configured default D: the gaps are taken from the
-posterior predictive of a Dirichlet process whose base is a point mass at D (capped at T*) with a
-weight of `PRIOR_GAPS` gaps, i.e. the recorded gaps plus PRIOR_GAPS pseudo-gaps of length D. A
-pseudo-gap is covered by any timeout >= D, so the default stands until the recorded gaps show it
-wasted: a short burst (three gaps of seconds) says nothing about the minutes after it and keeps
-D, where the histogram alone had every timeout past the burst tie and took the shortest. It
-gives way once the silences that outlast a shorter timeout t cost more idle memory than the
-pseudo-gaps' cold starts, after about PRIOR_GAPS * (T* - D + t) / (D - t) such silences; the
-extra idle time until then is worth about PRIOR_GAPS cold starts per model. With no history the
-decision is the default itself; when the decisive gaps are out of the histogram's range (T*
-beyond 4 h and most gaps OOB), T*, the distribution-free (2-competitive) choice.
+The history is weighed against a prior, the configured default D (within the cap C = min(T*,
+max_s)): the cost is taken over the posterior predictive of a Dirichlet process centred on D,
+i.e. the recorded gaps plus k pseudo-gaps of length D. A pseudo-gap is covered by any timeout
+>= D, so the default stands until the recorded gaps show it wasted: a short burst (three gaps
+of seconds) says nothing about the minutes after it and keeps D, where the histogram alone had
+every timeout past the burst tie and took the shortest. What shows D wasted is a silence, a gap
+that outlasts D: a shorter timeout t would have saved rent * (D - t) on it, while each
+pseudo-gap it leaves uncovered costs a reload (buy - rent * (D - t) more), so the default gives
+way after k * (C - D + t) / (D - t) silences. The prior's weight k = PRIOR_SILENCES * D / C
+makes that about PRIOR_SILENCES silences (t << D) whatever the model's costs: the evidence is
+counted in what informs the minutes after a burst, gaps that lasted through them, and the idle
+memory spent before the default gives way is about that of PRIOR_SILENCES waits of D. Medium
+gaps (between t and C) pull the keep-alive up from the first one, as without the prior. With no
+history the decision is the default itself; when the decisive gaps are out of the histogram's
+range (T* beyond 4 h and most gaps OOB), T*, the distribution-free (2-competitive) choice.
 
 The ongoing idle period is a right-censored gap: it has lasted idle_s and will last at least
 that long. Over timeouts T >= idle_s the cost-optimal choice is the one made as the model went
 idle (the gaps shorter than idle_s cost the same under all of them), so that decision stands
 while it runs. Once a model has outlived it (a reload re-arms a model idle past its keep-alive),
-the decision is made again over the recorded gaps longer than idle_s and PRIOR_GAPS pseudo-gaps
-at T*: without evidence about gaps that long, the ski-rental rule (keep until T*) decides, not
-older, shorter gaps; with it, the evidence.
+the decision is made again over the recorded gaps longer than idle_s and PRIOR_SILENCES
+pseudo-gaps at C: without evidence about gaps that long, the ski-rental rule (keep until T*)
+decides, not older, shorter gaps; with it, the evidence.
 """
 
 from __future__ import annotations
@@ -173,10 +177,10 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
-PRIOR_GAPS = 1.0
-"""Weight of the prior, the configured default keep-alive, in idle gaps: decide_keep_alive
-counts this many pseudo-gaps of the default's length alongside the recorded ones (see the module
-docstring). Giving way to the evidence costs about PRIOR_GAPS cold starts per model at most."""
+PRIOR_SILENCES = 2.0
+"""Weight of the prior, the configured default keep-alive D, in silences: the default gives way
+to a shorter keep-alive once about this many recorded gaps have outlasted it (module docstring).
+In pseudo-gaps of length D that is PRIOR_SILENCES * D / min(T*, max_s) (`_prior_weight`)."""
 MIN_SAMPLES = 3
 """Eviction (`p_request_soon`, `eviction_cost_s`) uses a model's histogram only from this many
 gaps on; without it, it falls back to distribution-free estimates."""
@@ -321,10 +325,11 @@ def _plan(
     # Pre-warm is searched over the same posterior, the prior's pseudo-gaps counted in the
     # default's bin (the window search works on bins).
     counts: list[float] = [float(c) for c in hist.counts]
-    n_post = n + PRIOR_GAPS
+    k = _prior_weight(prior_s, cap)
+    n_post = n + k
     b = bin_index(prior_s)
     if b < NBINS:
-        counts[b] += PRIOR_GAPS
+        counts[b] += k
     keep, cum_n, cum_g = _timeout_costs(counts, n_post, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = _best_timeout(keep, kmax)
@@ -342,6 +347,11 @@ def _plan(
 _STOP, _EDGE, _PRIOR = range(3)  # what _least_cost_timeout's timeout is
 
 
+def _prior_weight(prior_s: float, cap: float) -> float:
+    """Pseudo-gaps of length prior_s that PRIOR_SILENCES silences outweigh (module docstring)."""
+    return PRIOR_SILENCES * prior_s / cap if cap > 0 else 0.0
+
+
 def _least_cost_timeout(
     hist: IdleHistogram, rent: float, buy: float, cap: float, prior_s: float, after_s: float
 ) -> tuple[float, int, int]:
@@ -350,9 +360,9 @@ def _least_cost_timeout(
 
     The gap's distribution is the posterior of the module docstring: the recorded gaps longer
     than after_s (in a bin that after_s splits, the share above it, taken as uniform) and
-    PRIOR_GAPS pseudo-gaps of prior_s if that is longer. A covered gap g costs rent * g, any
-    other rent * T + buy. Candidates: after_s itself (_STOP: unload now), the bin edges
-    (_EDGE: the caller adds the margin) and prior_s (_PRIOR); on ties the shortest.
+    _prior_weight(prior_s, cap) pseudo-gaps of prior_s if that is longer. A covered gap g costs
+    rent * g, any other rent * T + buy. Candidates: after_s itself (_STOP: unload now), the bin
+    edges (_EDGE: the caller adds the margin) and prior_s (_PRIOR); on ties the shortest.
     """
     counts = hist.counts
     first = bisect.bisect_right(EDGES, after_s)  # the first edge beyond after_s
@@ -368,7 +378,7 @@ def _least_cost_timeout(
             else:
                 mass[b] = (float(c), _REPS[b])
             total += mass[b][0]
-    prior = PRIOR_GAPS if after_s < prior_s <= cap else 0.0
+    prior = _prior_weight(prior_s, cap) if after_s < prior_s <= cap else 0.0
     total += prior
 
     best_t, best_kind = after_s, _STOP

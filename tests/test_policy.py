@@ -13,7 +13,7 @@ import pytest
 from llmd.policy import (
     EDGES,
     NBINS,
-    PRIOR_GAPS,
+    PRIOR_SILENCES,
     RANGE_S,
     Candidate,
     IdleHistogram,
@@ -183,7 +183,7 @@ def test_helpers(decision: KeepAliveDecision, expected: KeepAliveDecision) -> No
         # No history: [keep_alive] default, clamped to [min, max].
         ([], {}, 600.0, "default"),
         ([], {"max_s": 300.0}, 300.0, "default"),
-        # Too few gaps to outweigh the default (worth PRIOR_GAPS gaps), within T* and max.
+        # Too few gaps to outweigh the default, within T* and max.
         ([100, 100], {}, 600.0, "default"),
         ([100, 100], {"max_s": 300.0}, 300.0, "default"),
         # Gaps of ~100 s and nothing longer: no evidence against the default either.
@@ -222,7 +222,8 @@ def test_decide_keep_alive(
 @pytest.mark.parametrize("seed", range(12))
 def test_keep_alive_minimises_cost_over_history(seed: int) -> None:
     """The chosen timeout is the least-cost edge <= T* over the history and the default's
-    PRIOR_GAPS pseudo-gaps, plus 10% within T* (none when the default itself is cheapest)."""
+    pseudo-gaps (PRIOR_SILENCES * D / T* of them), plus 10% within T* (none when the default
+    itself is cheapest)."""
     rng = random.Random(seed)
     top = rng.choice([NBINS, 40, 20])  # some histograms with short gaps only
     counts = [rng.choice([0, 0, 0, 0, 1, 5, 20]) if i < top else 0 for i in range(NBINS)]
@@ -237,7 +238,8 @@ def test_keep_alive_minimises_cost_over_history(seed: int) -> None:
             g = (EDGES[i] + EDGES[i + 1]) / 2
             total += c * (rent * g if EDGES[i + 1] <= t else rent * t + buy)
         default = BOUNDS["default_s"]
-        return total + PRIOR_GAPS * (rent * default if default <= t else rent * t + buy)
+        prior = PRIOR_SILENCES * default / T_STAR
+        return total + prior * (rent * default if default <= t else rent * t + buy)
 
     candidates = sorted([t for t in EDGES if t <= T_STAR] + [BOUNDS["default_s"]])
     best = min(cost(t) for t in candidates)

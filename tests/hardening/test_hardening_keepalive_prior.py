@@ -2,8 +2,9 @@
 
 Issue 9, item 13: after one short burst right after start, the adaptive policy dropped a fresh
 model's keep-alive from the 10-minute default to the 1-minute minimum. The policy now weighs the
-default (a prior worth `PRIOR_GAPS` gaps) against the history, and judges a model that has been
-idle for a while by what it knows about gaps at least that long.
+default (a prior that about `PRIOR_SILENCES` recorded silences outweigh) against the history,
+and judges a model that has been idle for a while by what it knows about gaps at least that
+long.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import pytest
 from llmdproc import cleanup, make_llmd
 
 from llmd.policy import (
-    PRIOR_GAPS,
+    PRIOR_SILENCES,
     IdleHistogram,
     KeepAliveDecision,
     break_even_s,
     decide_keep_alive,
-    priority_weight,
 )
 
 # A fresh model as the daemon sees it before its first measured load (lifecycle.GUESS_*), at
@@ -66,6 +66,7 @@ def sessions(days: int, seed: int = 1) -> list[float]:
         ([5.0, 5.0], "two gaps"),
         ([3.0] * 30, "a long burst says nothing about gaps longer than seconds"),
         ([3.0] * 10 + [3 * HOUR], "one silence does not outweigh the default yet"),
+        ([3.0] * 10 + [3 * HOUR] + [20.0] * 10, "nor one silence between two bursts"),
         ([20.0] * 5 + [30 * 60.0], "one 30-minute gap (beyond T*) is not a pattern"),
     ],
 )
@@ -98,21 +99,26 @@ def test_plenty_of_history_still_learns_a_short_keep_alive(
     assert d.source == "adaptive"
 
 
-def test_the_default_yields_after_about_its_weight_in_evidence() -> None:
-    """Follow-ups every 30 s with a silence after each burst: the default gives way after a
-    number of silences proportional to PRIOR_GAPS: k0 (T* - (D - t)) / (D - t), about 1.8 k0,
-    with t = 35 s the timeout that covers the follow-ups."""
+@pytest.mark.parametrize(
+    "model",
+    [
+        FRESH,  # T* 27 min
+        {"load_s": 6.5, "size_gb": 4.9, "priority": 1, "beta": 0.001},  # an 8B, T* 88 min
+        {"load_s": 17.5, "size_gb": 16.0, "priority": 4, "beta": 0.001},  # a 27B, T* 18 min
+        {"load_s": 1.5, "size_gb": 0.3, "priority": 3, "beta": 0.001},  # embeddings, T* 111 min
+    ],
+)
+def test_the_default_yields_after_about_prior_silences(model: dict[str, Any]) -> None:
+    """Bursts of 30 s follow-ups, each followed by a silence: the default gives way to a short
+    keep-alive after about PRIOR_SILENCES silences, whatever the model's costs."""
     gaps: list[float] = []
     silences = 0
-    while decide(gaps).source != "adaptive":
+    while decide(gaps, **model).source != "adaptive":
         gaps += [30.0] * 5 + [3 * HOUR]
         silences += 1
         assert silences < 100
-    rent, buy = FRESH["beta"] * FRESH["size_gb"], priority_weight(5) * FRESH["load_s"]
-    t = 35.0
-    expected = PRIOR_GAPS * (buy - rent * (600.0 - t)) / (rent * (600.0 - t))
-    assert expected <= silences <= expected + 1
-    assert decide(gaps).keep_alive_s == pytest.approx(60.0)  # 38.5 s clamped to the minimum
+    assert PRIOR_SILENCES <= silences <= PRIOR_SILENCES + 1
+    assert decide(gaps, **model).keep_alive_s == pytest.approx(60.0)  # 38.5 s, within [min, max]
 
 
 @pytest.mark.parametrize(
