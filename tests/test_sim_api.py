@@ -169,7 +169,21 @@ def test_embedding_model_cannot_generate_or_chat(http: httpx.Client) -> None:
     ("path", "body", "status", "error"),
     [
         ("/api/generate", None, 400, "missing request body"),
-        ("/api/generate", "{bad", 400, "invalid character 'b' looking for beginning of value"),
+        # encoding/json scanner.go: after "{" only a key string (or "}") may come.
+        (
+            "/api/generate",
+            "{bad",
+            400,
+            "invalid character 'b' looking for beginning of object key string",
+        ),
+        ("/api/generate", "nope", 400, "invalid character 'o' in literal null (expecting 'u')"),
+        ("/api/generate", "null", 404, "model '' not found"),  # null decodes as {}
+        (
+            "/api/generate",
+            '{"model": "tiny:1m", "prompt": 1 "x"}',
+            400,
+            ("invalid character '\"' after object key:value pair"),
+        ),
         (
             "/api/generate",
             {"model": "tiny:1m", "keep_alive": "-1"},

@@ -44,6 +44,7 @@ PLAIN_MODELS = [
     catalog_model("m:1", 400, layers=8, tokens_per_second=2),  # 5 ms a token on the GPU
     catalog_model("par:1", tokens_per_second=0.5),
     *(catalog_model(f"q{i}:1", load_seconds=40) for i in (1, 2, 3)),
+    catalog_model("share:1", load_seconds=30),
 ]
 SMALL_MODELS = [
     *(catalog_model(n, 100) for n in ("a:1", "b:1", "c:1", "d:1", "idle:1", "new:1")),
@@ -150,6 +151,24 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(pc: ollama.Client) -> No
     assert pc.generate(model="e:1", prompt="", keep_alive=0).done_reason == "unload"
     assert pc.chat(model="e:1", messages=[]).done_reason == "load"
     pc.generate(model="e:1", prompt="", keep_alive=0)
+
+
+def test_two_names_of_one_model_share_one_runner(pc: ollama.Client) -> None:
+    """A copy (same digest) uses the runner its source loaded, without a load of its own, and
+    /api/ps lists that runner once, under the first name that loaded it (server/sched.go keys
+    runners by the model's file)."""
+    pc.copy("share:1", "share-copy:1")
+    load(pc, "share:1")
+    r = pc.generate(model="share-copy:1", prompt="hi", options={"num_predict": 2})
+    assert r.model == "share-copy:1"
+    assert (r.load_duration or 0) < 0.1e9  # share:1 takes 0.3 s to load at speed 100
+    ps = [m for m in pc.ps().models if m.model in ("share:1", "share-copy:1")]
+    assert [m.model for m in ps] == ["share:1"]
+    tags = {m.model: m.digest for m in pc.list().models}
+    assert ps[0].digest == tags["share:1"] == tags["share-copy:1"]
+    # Either name unloads the one runner.
+    pc.generate(model="share-copy:1", prompt="", keep_alive=0)
+    wait_for(lambda: not loaded(pc, "share:1"))
 
 
 def test_ps_shape_and_load_duration(pc: ollama.Client) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from llmdproc import Llmd, cleanup, make_llmd, pull, wait_for
 
+from llmd.ollama_errors import json_syntax_error, keep_alive_seconds
+
 TINY = "tiny:1m"
 LLAMA = "llama3.2:latest"
 LLAMA_3B = "llama3.2:3b"  # the same model (same digest) under another tag
@@ -186,6 +188,30 @@ CASES: list[tuple[str, str, str, Any, tuple[int, Any] | None]] = [
         (400, {"error": "json: cannot unmarshal array into Go value of type api.ChatRequest"}),
     ),
     (
+        "object key without colon",
+        "POST",
+        "/api/generate",
+        b'{"model" "x"}',
+        (400, {"error": "invalid character '\"' after object key"}),
+    ),
+    (
+        "unquoted key",
+        "POST",
+        "/api/chat",
+        b"{model: 1}",
+        (400, {"error": "invalid character 'm' looking for beginning of object key string"}),
+    ),
+    (
+        "missing comma",
+        "POST",
+        "/api/embed",
+        b'{"model": "x" "input": 1}',
+        (400, {"error": "invalid character '\"' after object key:value pair"}),
+    ),
+    ("null body", "POST", "/api/generate", b"null", (404, {"error": "model '' not found"})),
+    ("openai empty body", "POST", "/v1/chat/completions", b"", None),
+    ("openai array body", "POST", "/v1/chat/completions", b"[]", None),
+    (
         "empty body",
         "POST",
         "/api/generate",
@@ -325,3 +351,69 @@ def test_a_copy_shares_the_runner_of_its_source(fresh: Llmd) -> None:
     assert r.returncode == 0 and "unloaded" in r.stdout, (r.stdout, r.stderr)
     wait_for(lambda: not d.get("/api/ps", backend=0)["models"], what="the runner to unload")
     assert models(d)[TINY]["state"] == "unloaded"
+
+
+# encoding/json's scanner.go and time.ParseDuration, message for message.
+GO_JSON = [
+    ('{"model": ', "unexpected EOF"),
+    ('{"a": "x', "unexpected EOF"),
+    ("hello", "invalid character 'h' looking for beginning of value"),
+    ('{"a" 1}', "invalid character '1' after object key"),
+    ('{"a":1 "b":2}', "invalid character '\"' after object key:value pair"),
+    ("{a:1}", "invalid character 'a' looking for beginning of object key string"),
+    ('{"a":1,}', "invalid character '}' looking for beginning of object key string"),
+    ("[1 2]", "invalid character '2' after array element"),
+    ('{"a":[1,]}', "invalid character ']' looking for beginning of value"),
+    ('{"a":tru}', "invalid character '}' in literal true (expecting 'e')"),
+    ('{"a":nul}', "invalid character '}' in literal null (expecting 'l')"),
+    ('{"a":-}', "invalid character '}' in numeric literal"),
+    ('{"a":1.}', "invalid character '}' after decimal point in numeric literal"),
+    ('{"a":1e}', "invalid character '}' in exponent of numeric literal"),
+    ('{"a":01}', "invalid character '1' after object key:value pair"),
+    ('{"a":NaN}', "invalid character 'N' looking for beginning of value"),
+    ('{"a":"\\x"}', "invalid character 'x' in string escape code"),
+    ('{"a":"\\u12g4"}', "invalid character 'g' in \\u hexadecimal character escape"),
+    ('{"a":"line\nbreak"}', "invalid character '\\n' in string literal"),
+    ("{'a':1}", "invalid character '\\'' looking for beginning of object key string"),
+    ("{} x", "invalid character 'x' after top-level value"),
+    ('{"a":1} \n', None),
+    ('[{"a":[true,false,null,-1.5e+3,"\\u00e9\\n"]}]', None),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), GO_JSON)
+def test_json_syntax_errors_read_as_gos(text: str, message: str | None) -> None:
+    """A body Go would refuse gets Go's message (what Ollama answers); one it reads gets none."""
+    assert json_syntax_error(text) == message
+
+
+GO_DURATIONS: list[tuple[Any, float | str]] = [
+    ("10m", 600.0),
+    ("1h30m", 5400.0),
+    (".5s", 0.5),
+    ("-1m", float("inf")),  # negative: forever
+    (-1, float("inf")),
+    (300, 300.0),
+    ("0", 0.0),
+    ("-1", 'time: missing unit in duration "-1"'),
+    ("300", 'time: missing unit in duration "300"'),
+    ("5x", 'time: unknown unit "x" in duration "5x"'),
+    ("", 'time: invalid duration ""'),
+    (" 5m", 'time: invalid duration " 5m"'),
+    (".", 'time: invalid duration "."'),
+    ("5m\u00e9", 'time: unknown unit "m\\xc3\\xa9" in duration "5m\\xc3\\xa9"'),
+    (True, "Unsupported type: 'bool'"),
+    ({}, "Unsupported type: 'map[string]interface {}'"),
+    ([], "Unsupported type: '[]interface {}'"),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), GO_DURATIONS)
+def test_keep_alive_read_as_ollama_reads_it(value: Any, expected: float | str) -> None:
+    """keep_alive as api.Duration.UnmarshalJSON reads it, with Go's error messages."""
+    if isinstance(expected, str):
+        with pytest.raises(ValueError) as e:
+            keep_alive_seconds(value)
+        assert str(e.value) == expected
+    else:
+        assert keep_alive_seconds(value) == expected

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Faults
+from .gojson import first_value_error
 
 
 class ApiError(Exception):
@@ -63,14 +64,18 @@ async def read_json(request: web.Request, go_type: str) -> dict[str, Any]:
     raw = await request.read()
     text = raw.decode("utf-8", errors="replace")
     if not text.strip():
-        raise ApiError(400, "missing request body")
+        # The native handlers check for io.EOF; the OpenAI middleware passes its text on.
+        raise ApiError(400, "EOF" if request.path.startswith("/v1/") else "missing request body")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.pos >= len(text.rstrip()):
-            raise ApiError(400, "unexpected EOF") from None
-        ch = text[e.pos]
-        raise ApiError(400, f"invalid character '{ch}' looking for beginning of value") from None
+    except json.JSONDecodeError:
+        err = first_value_error(text)
+        if err is not None:
+            raise ApiError(400, err) from None
+        # Go's decoder reads the first value and never looks at what follows it.
+        data, _ = json.JSONDecoder().raw_decode(text.lstrip(" \t\r\n"))
+    if data is None:
+        return {}  # Go decodes null into a struct as a no-op: an empty request
     if not isinstance(data, dict):
         raise ApiError(
             400, f"json: cannot unmarshal {go_kind(data)} into Go value of type {go_type}"
