@@ -188,8 +188,8 @@ def test_immutable_state_file_degrades_the_store_not_the_daemon(
         st = store(d)
         if target == "llmd.db-wal":
             # The write-ahead log is where every write goes: saving stops, and status says why.
-            assert st["degraded"] and str(state / "llmd.db") in st["degraded"]
-            assert "immutable" in st["degraded"]
+            assert st["degraded"] and f"database {state / 'llmd.db'}" in st["degraded"]
+            assert f"{path} is immutable (chattr +i)" in st["degraded"]
             assert "DEGRADED" in d.llmctl("status").stdout
         faults.clear_immutable(path)
         t_clear = time.monotonic()
@@ -310,16 +310,16 @@ def test_pin_on_read_only_disk_says_not_saved_and_is_saved_later(
     d.start()
     st = store(d)
     assert st["degraded"] and str(state / "llmd.db") in st["degraded"]
-    assert "read-only" in st["degraded"]
+    assert f"{state} is on a read-only file system" in st["degraded"]
     generate(d, 3)  # serving as usual
     assert TINY2 in pinned(d)  # read from the file as it is on disk
 
     r = d.llmctl("pin", EMBED)
     assert r.returncode == EXIT_NOT_SAVED, (r.returncode, r.stdout, r.stderr)
     assert "pinned now; not yet saved" in r.stdout and str(state / "llmd.db") in r.stdout
-    assert "read-only" in r.stdout and "retrying" in r.stdout
+    assert "is on a read-only file system" in r.stdout and "retrying" in r.stdout
     doc = json.loads(d.llmctl("pin", EMBED, "--json").stdout)
-    assert doc["saved"] is False and "read-only" in doc["not_saved"]
+    assert doc["saved"] is False and "is on a read-only file system" in doc["not_saved"]
     assert EMBED in pinned(d)  # in force now
 
     faults.remount(state, "remount,rw,bind")
@@ -343,7 +343,7 @@ def test_pin_on_unwritable_database_while_serving(daemon: Factory, faults: Fault
     faults.set_immutable(wal)
     r = d.llmctl("pin", TINY2)
     assert r.returncode == EXIT_NOT_SAVED, (r.returncode, r.stdout, r.stderr)
-    assert "immutable" in r.stdout
+    assert f"{wal} is immutable (chattr +i)" in r.stdout
     faults.clear_immutable(wal)
     wait_for(lambda: recovered(d, 0), timeout=RECOVER_S, what="the store to recover")
     assert d.stop() == 0
