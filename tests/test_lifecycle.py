@@ -106,3 +106,30 @@ async def test_prewarm_reloads_before_the_predicted_request(
     await wait_state(m, MState.UNLOADED)
     loads = [r for k, _, r in events.seen if k == "load"]
     assert len(loads) == 3 and loads[0].startswith("request")
+
+
+async def test_a_second_name_of_a_loaded_model_shares_its_runner(
+    parts: tuple[Lifecycle, Events],
+) -> None:
+    """A name with the digest of a loaded model (a copy) is served by that model's record: no
+    second load, reconciliation keeps one loaded record (the child lists the runner once, under
+    the first name), and unloading by the second name unloads the runner."""
+    lc, events = parts
+    lc.set_keep_alive_fn(lambda m, *_: KeepAliveDecision(None, "pinned", 0, None))
+    child = lc.backends.children["b0"]
+    async with lc._session.post(
+        child.url + "/api/copy", json={"source": MODEL, "destination": "copy:1m"}
+    ) as r:
+        assert r.status == 200
+    await lc.backends.refresh_tags()
+    async with lc.lease(MODEL, child) as first:
+        assert first.waited_for_load
+    async with lc.lease("copy:1m", child) as second:
+        assert second.model is first.model and not second.waited_for_load
+    await lc.reconcile()
+    assert lc.models[MODEL].state is MState.LOADED
+    assert "copy:1m" not in lc.models or lc.models["copy:1m"].state is MState.UNLOADED
+    assert lc.runner_of("copy:1m") is lc.models[MODEL]
+    assert [m for k, m, _ in events.seen if k == "load"] == [MODEL]
+    assert await lc.unload("copy:1m", reason="test") == "unloaded"
+    assert lc.models[MODEL].state is MState.UNLOADED
