@@ -234,10 +234,8 @@ class Lifecycle:
         """The record a request for `name` on `child` holds: the runner already serving the
         name there (under whichever name loaded it), else the name's own record."""
         shared = self.runner_of(name, child.name)
-        own = self.models.get(name)
-        if shared is not None and (own is None or own.state is MState.UNLOADED):
-            if shared is not own:
-                log.debug("%s is served by the runner of %s (same digest)", name, shared.name)
+        if shared is not None and shared.name != name:
+            log.debug("%s is served by the runner of %s (same digest)", name, shared.name)
             return shared
         return self.model(name, child)
 
