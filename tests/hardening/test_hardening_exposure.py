@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ollama
+import openai
 import pytest
 from llmdproc import Llmd, cleanup, llmd_argv, make_llmd, render_toml
 
@@ -213,26 +215,27 @@ def test_api_keys_alone_keep_full_access(tmp_path: Path, made: list[Llmd]) -> No
 def test_inference_key_cannot_manage_models(tmp_path: Path, made: list[Llmd]) -> None:
     """An inference key runs models and lists them, but pull, copy and delete are 403 and do
     nothing; the official clients raise on it."""
-    import ollama
-    import openai
-
     d = make_llmd(tmp_path, sections={"proxy": {"api_keys": [ADMIN], "inference_keys": [APP]}})
     made.append(d)
     d.start()
-    app = ollama.Client(host=d.url, headers={"Authorization": f"Bearer {APP}"})
-    assert app.generate(model=TINY, prompt="hi").response
-    assert TINY in [m.model for m in app.list().models]
-    with pytest.raises(ollama.ResponseError) as e:
-        app.delete(TINY)
-    assert e.value.status_code == 403 and "proxy.api_keys" in e.value.error
-    with pytest.raises(ollama.ResponseError):
-        app.copy(TINY, "stolen:1")
-    assert TINY in [m.model for m in app.list().models]
-    assert "stolen:1" not in [m.model for m in app.list().models]
-    oa = openai.OpenAI(base_url=d.url + "/v1", api_key=APP, max_retries=0)
-    assert oa.chat.completions.create(model=TINY, messages=CHAT["messages"]).choices
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=d.url + "/v1", api_key="nope-nope-nope", max_retries=0).models.list()
+    v1 = d.url + "/v1"
+    with (
+        ollama.Client(host=d.url, headers={"Authorization": f"Bearer {APP}"}) as app,
+        openai.OpenAI(base_url=v1, api_key=APP, max_retries=0) as oa,
+        openai.OpenAI(base_url=v1, api_key="nope-nope-nope", max_retries=0) as stranger,
+    ):
+        assert app.generate(model=TINY, prompt="hi").response
+        assert TINY in [m.model for m in app.list().models]
+        with pytest.raises(ollama.ResponseError) as e:
+            app.delete(TINY)
+        assert e.value.status_code == 403 and "proxy.api_keys" in e.value.error
+        with pytest.raises(ollama.ResponseError):
+            app.copy(TINY, "stolen:1")
+        names = [m.model for m in app.list().models]
+        assert TINY in names and "stolen:1" not in names
+        assert oa.chat.completions.create(model=TINY, messages=CHAT["messages"]).choices
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
 
 
 def test_child_sees_no_client_credentials(tmp_path: Path, made: list[Llmd]) -> None:
