@@ -25,18 +25,17 @@ optimal fixed timeout for that model given its history. Three bounds keep that c
 - it is clamped to the operator's [min_s, max_s].
 
 The history is weighed against a prior, the configured default D (within the cap C = min(T*,
-max_s)): the cost is taken over the posterior predictive of a Dirichlet process centred on D,
-i.e. the recorded gaps plus k pseudo-gaps of length D. A pseudo-gap is covered by any timeout
->= D, so the default stands until the recorded gaps show it wasted: a short burst (three gaps
-of seconds) says nothing about the minutes after it and keeps D, where the histogram alone had
-every timeout past the burst tie and took the shortest. What shows D wasted is a silence, a gap
-that outlasts D: a shorter timeout t would have saved rent * (D - t) on it, while each
-pseudo-gap it leaves uncovered costs a reload (buy - rent * (D - t) more), so the default gives
-way after k * (C - D + t) / (D - t) silences. The prior's weight k = PRIOR_SILENCES * D / C
-makes that about PRIOR_SILENCES silences (t << D) whatever the model's costs: the evidence is
-counted in what informs the minutes after a burst, gaps that lasted through them, and the idle
-memory spent before the default gives way is about that of PRIOR_SILENCES waits of D. Medium
-gaps (between t and C) pull the keep-alive up from the first one, as without the prior. With no
+max_s)). Gaps shorter than D say nothing about whether the minutes after a request up to D
+bring another one; only gaps that outlasted D do (they went through all of them without a
+request). So the keep-alive is not set below D until `PRIOR_SILENCES` recorded gaps have
+outlasted it: until then the least-cost timeout is taken among timeouts >= D. A short burst
+(three gaps of seconds) keeps D, where the histogram alone had every timeout past the burst tie
+and took the shortest, i.e. the minimum; gaps between D and C still raise the keep-alive from
+the first one. This is a Dirichlet-process prior centred on D (pseudo-gaps of length D) whose
+weight is counted in silences rather than gaps: pseudo-gaps make a cheap-to-keep model wait
+for many more silences than an expensive one (k (C - D + t) / (D - t) of them to go down to
+t), while the information a silence brings is the same for both. Before the default gives way,
+a model spends at most the idle memory of PRIOR_SILENCES waits of D on silences. With no
 history the decision is the default itself; when the decisive gaps are out of the histogram's
 range (T* beyond 4 h and most gaps OOB), T*, the distribution-free (2-competitive) choice.
 
@@ -44,9 +43,9 @@ The ongoing idle period is a right-censored gap: it has lasted idle_s and will l
 that long. Over timeouts T >= idle_s the cost-optimal choice is the one made as the model went
 idle (the gaps shorter than idle_s cost the same under all of them), so that decision stands
 while it runs. Once a model has outlived it (a reload re-arms a model idle past its keep-alive),
-the decision is made again over the recorded gaps longer than idle_s and PRIOR_SILENCES
-pseudo-gaps at C: without evidence about gaps that long, the ski-rental rule (keep until T*)
-decides, not older, shorter gaps; with it, the evidence.
+the decision is made again over the recorded gaps longer than idle_s, with C as the floor until
+PRIOR_SILENCES of them outlasted C: without evidence about gaps that long, the ski-rental rule
+(keep until T*) decides, not older, shorter gaps; with it, the evidence.
 """
 
 from __future__ import annotations
@@ -177,10 +176,9 @@ def break_even_s(load_s: float, size_gb: float, priority: int, beta: float) -> f
 
 # -- keep-alive decisions ----------------------------------------------------------------------
 
-PRIOR_SILENCES = 2.0
-"""Weight of the prior, the configured default keep-alive D, in silences: the default gives way
-to a shorter keep-alive once about this many recorded gaps have outlasted it (module docstring).
-In pseudo-gaps of length D that is PRIOR_SILENCES * D / min(T*, max_s) (`_prior_weight`)."""
+PRIOR_SILENCES = 2
+"""The default keep-alive D is a floor until this many recorded idle gaps have outlasted it:
+until then the history has not seen what the minutes after a request bring (module docstring)."""
 MIN_SAMPLES = 3
 """Eviction (`p_request_soon`, `eviction_cost_s`) uses a model's histogram only from this many
 gaps on; without it, it falls back to distribution-free estimates."""
@@ -277,7 +275,7 @@ def decide_keep_alive(
         # plan already priced that in: the cost-optimal timeout over T >= idle is the same one.
         return plan
     # The period has outlived its plan: judge it by the gaps that lasted at least this long,
-    # with the prior moved to the distribution-free choice, keeping up to T*.
+    # and without enough of them by the distribution-free choice, keeping up to T*.
     n = hist.samples
     t_star = break_even_s(load_s, size_gb, priority, beta)
     cap = min(t_star, max_s)
@@ -286,7 +284,7 @@ def decide_keep_alive(
     t, kind, covered = _least_cost_timeout(hist, rent, buy, cap, cap, idle)
     if kind == _EDGE:
         t = min(t * (1 + MARGIN), cap)
-    source = "fallback" if kind == _PRIOR or n == 0 else "adaptive"
+    source = "fallback" if kind == _FLOOR or n == 0 else "adaptive"
     return KeepAliveDecision(_clamp(t, min_s, max_s), source, n, 100.0 * covered / n if n else None)
 
 
@@ -312,28 +310,22 @@ def _plan(
 
     rent = beta * size_gb  # latency-seconds per idle second
     buy = priority_weight(priority) * load_s  # latency-seconds per cold start
-    prior_s = min(max(default_s, 0.0), cap)
-    t, kind, covered = _least_cost_timeout(hist, rent, buy, cap, prior_s, 0.0)
+    floor_s = min(max(default_s, 0.0), cap)
+    t, kind, covered = _least_cost_timeout(hist, rent, buy, cap, floor_s, 0.0)
     if kind == _EDGE:
         t = min(t * (1 + MARGIN), cap)
     plain = KeepAliveDecision(
-        _clamp(t, min_s, max_s), "default" if kind == _PRIOR else "adaptive", n, 100.0 * covered / n
+        _clamp(t, min_s, max_s), "default" if kind == _FLOOR else "adaptive", n, 100.0 * covered / n
     )
     if not prewarm or n < PREWARM_MIN_SAMPLES:
         return plain
+    # A window reloads ahead of the next request; what it relies on is the head of the
+    # distribution (PREWARM_MIN_SAMPLES), so it is searched over the history alone.
 
-    # Pre-warm is searched over the same posterior, the prior's pseudo-gaps counted in the
-    # default's bin (the window search works on bins).
-    counts: list[float] = [float(c) for c in hist.counts]
-    k = _prior_weight(prior_s, cap)
-    n_post = n + k
-    b = bin_index(prior_s)
-    if b < NBINS:
-        counts[b] += k
-    keep, cum_n, cum_g = _timeout_costs(counts, n_post, rent, buy)
+    keep, cum_n, cum_g = _timeout_costs(hist.counts, n, rent, buy)
     kmax = bisect.bisect_right(EDGES, cap) - 1  # last k whose edge is within the cap
     best_k = _best_timeout(keep, kmax)
-    window = _best_prewarm(counts, n_post, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
+    window = _best_prewarm(hist.counts, n, keep, cum_n, cum_g, kmax, cap, load_s, rent, buy)
     if window is None:
         return plain
     cost, served, k1, j, k2 = window
@@ -341,32 +333,42 @@ def _plan(
     start = EDGES[j] * (1 - MARGIN) - load_s
     if cost >= (1 - PREWARM_GAIN) * keep[best_k] or unload_s >= start:
         return plain
-    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n_post, start, EDGES[k2])
+    return KeepAliveDecision(unload_s, "adaptive", n, 100.0 * served / n, start, EDGES[k2])
 
 
-_STOP, _EDGE, _PRIOR = range(3)  # what _least_cost_timeout's timeout is
+_STOP, _EDGE, _FLOOR = range(3)  # what _least_cost_timeout's timeout is
 
 
-def _prior_weight(prior_s: float, cap: float) -> float:
-    """Pseudo-gaps of length prior_s that PRIOR_SILENCES silences outweigh (module docstring)."""
-    return PRIOR_SILENCES * prior_s / cap if cap > 0 else 0.0
+def _outlasting(hist: IdleHistogram, floor_s: float, after_s: float) -> float:
+    """How many recorded gaps longer than after_s also outlasted floor_s (OOB included; in a bin
+    that floor_s splits, the share above it)."""
+    lo_s = max(floor_s, after_s)
+    total = float(hist.oob)
+    for b in range(max(bisect.bisect_right(EDGES, lo_s) - 1, 0), NBINS):
+        c = hist.counts[b]
+        if c:
+            lo, hi = EDGES[b], EDGES[b + 1]
+            total += c * (hi - lo_s) / (hi - lo) if lo < lo_s else c
+    return total
 
 
 def _least_cost_timeout(
-    hist: IdleHistogram, rent: float, buy: float, cap: float, prior_s: float, after_s: float
+    hist: IdleHistogram, rent: float, buy: float, cap: float, floor_s: float, after_s: float
 ) -> tuple[float, int, int]:
     """The least-cost timeout T in [after_s, cap] for a gap known to last at least after_s, as
     (T, what T is, how many recorded gaps T covers).
 
-    The gap's distribution is the posterior of the module docstring: the recorded gaps longer
-    than after_s (in a bin that after_s splits, the share above it, taken as uniform) and
-    _prior_weight(prior_s, cap) pseudo-gaps of prior_s if that is longer. A covered gap g costs
-    rent * g, any other rent * T + buy. Candidates: after_s itself (_STOP: unload now), the bin
-    edges (_EDGE: the caller adds the margin) and prior_s (_PRIOR); on ties the shortest.
+    The cost is taken over the recorded gaps longer than after_s (in a bin that after_s splits,
+    the share above it, taken as uniform): a covered gap g costs rent * g, any other
+    rent * T + buy. Candidates: after_s itself (_STOP: unload now) and the bin edges (_EDGE: the
+    caller adds the margin); on ties the shortest. While fewer than PRIOR_SILENCES of those gaps
+    outlasted floor_s, T is at least floor_s (_FLOOR when it is floor_s itself).
     """
     counts = hist.counts
+    if _outlasting(hist, floor_s, after_s) >= PRIOR_SILENCES:
+        floor_s = after_s
     first = bisect.bisect_right(EDGES, after_s)  # the first edge beyond after_s
-    last = bisect.bisect_right(EDGES, cap)  # edges [first, last) are the _EDGE candidates
+    last = bisect.bisect_right(EDGES, cap)  # edges [first, last) are candidates
     mass: list[tuple[float, float]] = [(0.0, 0.0)] * NBINS  # (count, gap) beyond after_s
     total = float(hist.oob)
     for b in range(max(first - 1, 0), NBINS):
@@ -378,11 +380,8 @@ def _least_cost_timeout(
             else:
                 mass[b] = (float(c), _REPS[b])
             total += mass[b][0]
-    prior = _prior_weight(prior_s, cap) if after_s < prior_s <= cap else 0.0
-    total += prior
 
-    best_t, best_kind = after_s, _STOP
-    best = (rent * after_s + buy) * total
+    best_t, best_kind, best = after_s, _STOP, math.inf
     cn = 0.0  # covered count and gap sum so far
     cg = 0.0
 
@@ -392,27 +391,24 @@ def _least_cost_timeout(
         if cost < best * (1 - 1e-12):
             best_t, best_kind, best = t, kind, cost
 
+    pending = floor_s > after_s  # the floor is still to be considered
+    if not pending:
+        consider(after_s, _STOP)
     for k in range(first, last):
         edge = EDGES[k]
-        if prior and prior_s < edge:
-            cn += prior
-            cg += prior * prior_s
-            prior = 0.0
-            consider(prior_s, _PRIOR)
+        if pending and floor_s < edge:
+            consider(floor_s, _FLOOR)
+            pending = False
         m, g = mass[k - 1]
         cn += m
         cg += m * g
-        if prior and prior_s == edge:
-            cn += prior
-            cg += prior * prior_s
-            prior = 0.0
-            consider(prior_s, _PRIOR)
-        else:
+        if pending and floor_s == edge:
+            consider(edge, _FLOOR)
+            pending = False
+        elif edge > floor_s:
             consider(edge, _EDGE)
-    if prior:  # beyond the last edge within the cap
-        cn += prior
-        cg += prior * prior_s
-        consider(prior_s, _PRIOR)
+    if pending:  # beyond the last edge within the cap
+        consider(floor_s, _FLOOR)
     covered = sum(counts[: max(bisect.bisect_right(EDGES, best_t) - 1, 0)])
     return best_t, best_kind, covered
 
