@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from llmdproc import cleanup, make_llmd
+from llmdproc import Llmd, cleanup, make_llmd
 
 from llmd.policy import (
     PRIOR_SILENCES,
@@ -184,5 +184,39 @@ def test_a_fresh_models_burst_keeps_the_default_in_the_daemon(tmp_path: Path) ->
         assert m["keep_alive_samples"] >= 3, m
         assert (m["keep_alive_s"], m["keep_alive_source"]) == (600, "default"), m
         assert m["state"] == "loaded" and m["expires_in_s"] > 500, m
+    finally:
+        cleanup(d)
+
+
+def generate(d: Llmd, model: str) -> None:
+    body = {"model": model, "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    req = urllib.request.Request(d.url + "/api/generate", data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        r.read()
+
+
+def test_a_reload_judges_an_idle_model_by_how_long_it_has_been_idle(tmp_path: Path) -> None:
+    """A model idle past the keep-alive a reload gives it, with only a burst of short gaps on
+    record, is kept up to the cap (the distribution-free rule), not unloaded on the strength of
+    those short gaps (before the fix: a keep-alive of 5.5 s learned from the burst, so an
+    unload at once)."""
+    keep_alive = {"policy": "adaptive", "min": "1s", "default": "30s", "max": "60s", "beta": 1e-6}
+    d = make_llmd(tmp_path, sections={"keep_alive": keep_alive})
+    try:
+        d.start()
+        for _ in range(5):
+            generate(d, "tiny:1m")
+            time.sleep(0.2)
+        assert d.model("tiny:1m")["keep_alive_s"] == 30  # the default: a burst says little
+        time.sleep(6)
+        # Now the default is 2 s: the model has outlived that; no gap on record is that long.
+        d.sections["keep_alive"].update({"default": "2s", "max": "20s"})
+        d.write_config()
+        r = d.llmctl("reload")
+        assert r.returncode == 0, r.stderr
+        m = d.model("tiny:1m")
+        assert m["state"] == "loaded", m
+        assert (m["keep_alive_s"], m["keep_alive_source"]) == (20, "fallback"), m
+        assert m["expires_in_s"] > 5, m
     finally:
         cleanup(d)
