@@ -108,7 +108,7 @@ def test_plenty_of_history_still_learns_a_short_keep_alive(
         {"load_s": 1.5, "size_gb": 0.3, "priority": 3, "beta": 0.001},  # embeddings, T* 111 min
     ],
 )
-def test_the_default_yields_after_about_prior_silences(model: dict[str, Any]) -> None:
+def test_the_default_yields_after_prior_silences(model: dict[str, Any]) -> None:
     """Bursts of 30 s follow-ups, each followed by a silence: the default gives way to a short
     keep-alive after PRIOR_SILENCES silences, whatever the model's costs."""
     gaps: list[float] = []
