@@ -14,6 +14,10 @@ WINDOW_S = 60.0
 # Distinct lines tracked at once; past this, new lines pass untracked (a log of unique lines
 # is not the flood this is for).
 MAX_KEYS = 10_000
+# Only warnings and errors are limited: the floods this is for (accept() failures, a dead
+# child's tracebacks) are at those levels, while info lines (a child's per-request lines) are
+# mostly distinct, and tracking each of them would cost memory for nothing.
+MIN_LEVEL = logging.WARNING
 
 
 @dataclass
@@ -45,7 +49,7 @@ class RepeatFilter(logging.Filter):
         self._summarising = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._summarising:
+        if self._summarising or record.levelno < MIN_LEVEL:
             return True
         now = self._clock()
         self._sweep(now)

@@ -305,21 +305,23 @@ def _record(msg: str, *args: Any, level: int = logging.ERROR, name: str = "x") -
         ([(0, "a %s", 1)] * 100 + [(61, "a %s", 2)], 6, ["a 1 ... repeated 95 more"]),
         ([(0, "a %s", 1)] * 10 + [(0, "b %s", 1)] * 10, 10, []),
         ([(t, "a %s", 0) for t in range(0, 600, 15)], 40, []),
+        # info lines are not limited (nor tracked)
+        ([(0, "a %s", 1, logging.INFO)] * 100, 100, []),
     ],
 )
 def test_repeat_filter(
-    events: list[tuple[float, str, int]], passed: int, summaries: list[str]
+    events: list[tuple[Any, ...]], passed: int, summaries: list[str]
 ) -> None:
-    """The same line passes 5 times a minute; the rest is held back and summarised in one
-    "... repeated N more times" line when its minute is over (or at exit); different lines
-    all pass."""
+    """The same warning or error passes 5 times a minute; the rest is held back and summarised
+    in one "... repeated N more times" line when its minute is over (or at exit); different
+    lines, and info lines, all pass."""
     clock = Clock()
     emitted: list[logging.LogRecord] = []
     f = RepeatFilter(emitted.append, clock=clock)
     n = 0
-    for t, msg, arg in events:
+    for t, msg, arg, *level in events:
         clock.t = t
-        n += f.filter(_record(msg, arg))
+        n += f.filter(_record(msg, arg, level=level[0] if level else logging.ERROR))
     assert n == passed
     assert len(emitted) == len(summaries)
     for rec, want in zip(emitted, summaries, strict=True):
