@@ -309,9 +309,7 @@ def _record(msg: str, *args: Any, level: int = logging.ERROR, name: str = "x") -
         ([(0, "a %s", 1, logging.INFO)] * 100, 100, []),
     ],
 )
-def test_repeat_filter(
-    events: list[tuple[Any, ...]], passed: int, summaries: list[str]
-) -> None:
+def test_repeat_filter(events: list[tuple[Any, ...]], passed: int, summaries: list[str]) -> None:
     """The same warning or error passes 5 times a minute; the rest is held back and summarised
     in one "... repeated N more times" line when its minute is over (or at exit); different
     lines, and info lines, all pass."""
