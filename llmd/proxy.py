@@ -866,7 +866,7 @@ async def _end_broken(
     ctype = up.headers.get("Content-Type", "")
     last: dict[str, Any]
     if "ndjson" in ctype:
-        await _write_quietly(resp, json.dumps({"error": msg}).encode() + b"\n")
+        await _write_quietly(resp, compact_json({"error": msg}).encode() + b"\n")
     elif "event-stream" in ctype:
         if request.path == "/v1/messages":  # Anthropic's error event
             last = {"type": "error", "error": {"type": "api_error", "message": msg}}
@@ -877,7 +877,7 @@ async def _end_broken(
         else:  # openai-python raises APIError on a data event with an "error" key
             last = {"error": {"message": msg, "type": "api_error", "param": None, "code": None}}
             event = b""
-        await _write_quietly(resp, event + b"data: " + json.dumps(last).encode() + b"\n\n")
+        await _write_quietly(resp, event + b"data: " + compact_json(last).encode() + b"\n\n")
     else:
         # A plain body with a Content-Length: closing the connection short of it is the only
         # way to tell the client it is incomplete.
