@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,10 @@ def make_llmd(
         sections=base_sections,
         arrays=arrays,
     )
+
+
+# What the `daemon` fixture (tests/conftest.py) gives a test: make_llmd with a folder each.
+Factory = Callable[..., Llmd]
 
 
 def cleanup(d: Llmd) -> None:

@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -22,27 +21,11 @@ import ollama
 import openai
 import psutil
 import pytest
-from llmdproc import Llmd, cleanup, make_llmd, pid_alive, pull, wait_for
+from llmdproc import Factory, Llmd, pid_alive, pull, wait_for
 
 TINY = "tiny:1m"
 TINY2 = "tiny:2m"
 EMBED = "tiny-embed:1m"
-
-Factory = Callable[..., Llmd]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Factory]:
-    made: list[Llmd] = []
-
-    def make(**kw: Any) -> Llmd:
-        d = make_llmd(tmp_path / f"d{len(made)}", **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        cleanup(d)
 
 
 def post(url: str, body: Any, *, raw: bytes | None = None, timeout: float = 30) -> tuple[int, Any]:

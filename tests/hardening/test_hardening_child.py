@@ -9,31 +9,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-import pytest
-from llmdproc import Llmd, cleanup, make_llmd, pull, wait_for
+from llmdproc import Factory, Llmd, pull, wait_for
 
 TINY = "tiny:1m"
-
-Factory = Callable[..., Llmd]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Factory]:
-    made: list[Llmd] = []
-
-    def make(**kw: Any) -> Llmd:
-        d = make_llmd(tmp_path / f"d{len(made)}", **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        cleanup(d)
 
 
 def call(

@@ -10,34 +10,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from llmdproc import Llmd, cleanup, make_llmd, wait_for
+from llmdproc import Factory, Llmd, wait_for
 
 TINY = "tiny:1m"
 TINY2 = "tiny:2m"
 EMBED = "tiny-embed:1m"
 RECOVER_S = 60  # the store retries every few seconds; generous for a loaded CI machine
 EXIT_NOT_SAVED = 4
-
-Factory = Callable[..., Llmd]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Factory]:
-    made: list[Llmd] = []
-
-    def make(**kw: Any) -> Llmd:
-        d = make_llmd(tmp_path / f"d{len(made)}", **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        cleanup(d)
 
 
 def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:

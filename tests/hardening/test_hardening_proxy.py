@@ -12,9 +12,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,26 +21,10 @@ import ollama
 import openai
 import psutil
 import pytest
-from llmdproc import Llmd, cleanup, make_llmd, wait_for
+from llmdproc import Factory, Llmd, wait_for
 
 TINY = "tiny:1m"
 MIB = 1024**2
-
-Factory = Callable[..., Llmd]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Factory]:
-    made: list[Llmd] = []
-
-    def make(**kw: Any) -> Llmd:
-        d = make_llmd(tmp_path / f"d{len(made)}", **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        cleanup(d)
 
 
 def post(url: str, raw: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
