@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomli_w
+
 DEFAULT_PATH = Path("/etc/llmd/llmd.toml")
 FIRST_BACKEND_PORT = 11435
 # Environment llmd sets for every child; a backend's env may not override it.
@@ -679,3 +681,98 @@ def diff_backends(
     changed = [b for n, b in after.items() if n in before and before[n] != b]
     removed = [b for n, b in before.items() if n not in after]
     return added, changed, removed
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as a TOML document that reads back to it, with every default filled in."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as the file's own sections and keys (the inverse of from_dict, less path)."""
+
+    def optional(conv: Callable[[Any], object]) -> Callable[[Any], object]:
+        return lambda v: None if v is None else conv(v)
+
+    doc: dict[str, Any] = {
+        "daemon": _table(
+            cfg.daemon,
+            state_dir=str,
+            admin_socket=str,
+            shutdown_timeout=_duration_text,
+        ),
+        "proxy": _table(
+            cfg.proxy,
+            max_body_size=_size_text,
+            body_memory=_size_text,
+            body_wait=_duration_text,
+            max_connections=lambda v: "auto" if v is None else v,
+            idle_timeout=_duration_text,
+            header_timeout=_duration_text,
+            body_timeout=_duration_text,
+        ),
+        "keep_alive": _table(
+            cfg.keep_alive, default=_duration_text, min=_duration_text, max=_duration_text
+        ),
+        "gpu": _table(
+            cfg.gpu,
+            interval=_duration_text,
+            reserve=_size_text,
+            total=optional(_size_text),
+            admission_timeout=_duration_text,
+        ),
+        "backend": [
+            _table(
+                b,
+                env=dict,
+                start_timeout=_duration_text,
+                stop_timeout=_duration_text,
+                probe_interval=_duration_text,
+                probe_timeout=_duration_text,
+            )
+            for b in cfg.backends
+        ],
+    }
+    if cfg.models:
+        doc["model"] = [
+            _table(m, keep_alive=optional(lambda v: v if v == "adaptive" else _duration_text(v)))
+            for m in cfg.models
+        ]
+    return doc
+
+
+def _table(obj: Any, **convs: Callable[[Any], object]) -> dict[str, object]:
+    """A dataclass's fields as TOML values, converted by name; None (unset) is left out."""
+    out: dict[str, object] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        v = convs[f.name](v) if f.name in convs else v
+        if v is not None:
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _duration_text(seconds: float) -> str | float:
+    """A duration as the file would spell it ("10m", "30s"), or seconds if not whole."""
+    if not float(seconds).is_integer():
+        return seconds
+    n = int(seconds)
+    for unit, size in (("h", 3600), ("m", 60)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n}s"
+
+
+_WRITE_UNITS = ("KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
+
+
+def _size_text(n: int) -> str | int:
+    """A size as the file would spell it ("512MiB", "24GB"), or bytes if no unit divides it."""
+    exact = [(n // _UNITS[u.lower()], u) for u in _WRITE_UNITS if n % _UNITS[u.lower()] == 0]
+    if not n or not exact:
+        return n
+    count, unit = min(exact)
+    return f"{count}{unit}"

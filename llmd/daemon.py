@@ -647,7 +647,7 @@ def _setup_logging(level: str) -> logfilter.RepeatFilter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`llmd`: run the daemon in the foreground, or check a config file."""
+    """`llmd`: run the daemon in the foreground, or check or print a config file."""
     ap = argparse.ArgumentParser(prog="llmd", description="Local LLM model daemon.")
     ap.add_argument(
         "--config",
@@ -662,8 +662,25 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="validate PATH and exit 0 if it is valid, 1 with the first error if not",
     )
+    ap.add_argument(
+        "--print-config",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="PATH",
+        help="print the effective config of PATH (default: the --config file) as TOML, "
+        "every default filled in, and exit; 1 with the first error if it is invalid",
+    )
     ap.add_argument("--version", action="version", version=f"llmd {__version__}")
     args = ap.parse_args(argv)
+    if args.print_config is not None:
+        path = args.config if args.print_config is True else args.print_config
+        try:
+            print(config.to_toml(config.load(path)), end="")
+        except ConfigError as e:
+            print(f"llmd: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.check_config is not None:
         try:
             config.load(args.check_config)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_DIR = ROOT / "tests" / "sim"
@@ -52,34 +53,11 @@ def llmd_argv() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "llmd.daemon"]
 
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, int | float):
-        return str(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(v)
-
-
 def render_toml(
     sections: dict[str, dict[str, Any]], arrays: dict[str, list[dict[str, Any]]]
 ) -> str:
-    out = []
-    for name, table in sections.items():
-        out.append(f"[{name}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-        out.append("")
-    for name, tables in arrays.items():
-        for table in tables:
-            out.append(f"[[{name}]]")
-            out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-            out.append("")
-    return "\n".join(out)
+    """A config file from [section] tables and [[array]] tables (empty arrays left out)."""
+    return tomli_w.dumps({**sections, **{k: v for k, v in arrays.items() if v}})
 
 
 @dataclass

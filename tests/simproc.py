@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import tomli_w
+
 SIM_DIR = Path(__file__).resolve().parent / "sim"
 OLLAMA = SIM_DIR / "ollama"
 NVIDIA_SMI = SIM_DIR / "nvidia-smi"
@@ -166,18 +168,6 @@ def start_sim(
 # -- catalog and GPU state file helpers ---------------------------------------------------------
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
 def catalog_model(name: str, size_mib: float = 4, **overrides: Any) -> dict[str, Any]:
     """A small llama-shaped catalog entry (4 layers, KV 1 MiB at num_ctx 4096), pulled at start."""
     entry: dict[str, Any] = {
@@ -203,12 +193,7 @@ def catalog_model(name: str, size_mib: float = 4, **overrides: Any) -> dict[str,
 
 def write_catalog(path: Path, models: list[dict[str, Any]]) -> Path:
     """Write an OLLAMA_SIM_CATALOG file from dicts (keys as in tests/sim/README.md)."""
-    lines: list[str] = []
-    for m in models:
-        lines.append("[[model]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in m.items()]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text(tomli_w.dumps({"model": models} if models else {}), encoding="utf-8")
     return path
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,191 @@ def test_parse_size_errors(value: Any) -> None:
         parse_size(value)
     if isinstance(value, str):
         assert "KiB, MiB, GiB, TiB" in str(e.value)
+
+
+# -- writing: to_toml and `llmd --print-config` ---------------------------------------------------
+
+RICH = """
+[daemon]
+state_dir = "/srv/llmd"
+log_level = "debug"
+shutdown_timeout = 2.5
+[proxy]
+listen = "0.0.0.0:8080"
+api_keys = ["admin-key-1"]
+inference_keys = ["app-key-1", "app-key-2"]
+max_body_size = 1000
+body_memory = "1.5GiB"
+max_connections = 64
+[keep_alive]
+policy = "fixed"
+default = "1h30m"
+min = "90s"
+beta = 0.25
+prewarm = true
+[gpu]
+probe = "ollama"
+total = "24GB"
+reserve = 0
+[[backend]]
+name = "a"
+gpus = [0, 1]
+env = { OLLAMA_MODELS = "/srv/models", "ODD KEY" = "x=y" }
+[[backend]]
+name = "b"
+port = 12000
+command = ["/opt/ollama/bin/ollama", "serve"]
+gpus = []
+probe_timeout = "500ms"
+probe_failures = 5
+[[model]]
+name = "phi3"
+backend = "b"
+aliases = ["chat", "small"]
+keep_alive = "30m"
+priority = 0
+pin = true
+[[model]]
+name = "nomic-embed-text:v1.5"
+keep_alive = "adaptive"
+preload = true
+[[model]]
+name = "library/llama3:8b"
+keep_alive = 0
+preempt = true
+allow_cpu_spill = true
+"""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(None, id="reference"),
+        pytest.param("", id="empty"),
+        pytest.param(RICH, id="rich"),
+        pytest.param('[[backend]]\nname = "x"\nenv = {}\n', id="empty-env"),
+        pytest.param('[keep_alive]\nmin = 0.001\ndefault = "1.25s"\n', id="fractions"),
+    ],
+)
+def test_to_toml_round_trips(tmp_path: Path, text: str | None) -> None:
+    """to_toml writes a document that from_dict reads back to the same Config."""
+    cfg = config.load(REFERENCE) if text is None else load_text(tmp_path, text)
+    doc = tomllib.loads(config.to_toml(cfg))
+    assert config.from_dict(doc, cfg.path) == cfg
+
+
+def test_to_dict_mirrors_the_files_sections_and_keys(tmp_path: Path) -> None:
+    """to_dict has the file's sections and every key of each, less unset ones and path."""
+    cfg = load_text(tmp_path, RICH)
+    doc = config.to_dict(cfg)
+    assert list(doc) == ["daemon", "proxy", "keep_alive", "gpu", "backend", "model"]
+    names = {
+        "daemon": config.DaemonConfig,
+        "proxy": config.ProxyConfig,
+        "keep_alive": config.KeepAliveConfig,
+        "gpu": config.GpuConfig,
+    }
+    for section, cls in names.items():
+        assert list(doc[section]) == [f.name for f in dataclasses.fields(cls)], section
+    backend_keys = [f.name for f in dataclasses.fields(config.BackendConfig)]
+    assert [list(b) for b in doc["backend"]] == [backend_keys, backend_keys]
+    model_keys = [f.name for f in dataclasses.fields(config.ModelConfig)]
+    assert list(doc["model"][1]) == [k for k in model_keys if k != "backend"]
+    assert doc["proxy"]["max_connections"] == 64
+    assert doc["gpu"]["total"] == "24GB"
+
+
+@pytest.mark.parametrize(
+    ("text", "section", "key", "value"),
+    [
+        ("", "proxy", "max_connections", "auto"),
+        ("", "proxy", "max_body_size", "32MiB"),
+        ("", "keep_alive", "max", "4h"),
+        ("", "daemon", "state_dir", "/var/lib/llmd"),
+        ('[daemon]\nshutdown_timeout = "1h1s"', "daemon", "shutdown_timeout", "3601s"),
+        ("[daemon]\nshutdown_timeout = 0.5", "daemon", "shutdown_timeout", 0.5),
+        ("[proxy]\nbody_memory = 1000", "proxy", "body_memory", "1KB"),
+        ("[proxy]\nbody_memory = 1001", "proxy", "body_memory", 1001),
+        ("[proxy]\nbody_memory = 3072000", "proxy", "body_memory", "3000KiB"),
+        ('[gpu]\nreserve = "2GiB"', "gpu", "reserve", "2GiB"),
+        ('[gpu]\nreserve = "1.5KiB"', "gpu", "reserve", 1536),
+        ("", "gpu", "total", None),
+    ],
+)
+def test_to_dict_values_are_as_the_file_spells_them(
+    tmp_path: Path, text: str, section: str, key: str, value: object
+) -> None:
+    """Durations and sizes are written in the largest exact unit; unset keys are left out."""
+    doc = config.to_dict(load_text(tmp_path, text))
+    assert doc[section].get(key) == value
+
+
+def test_to_dict_leaves_out_unset_model_and_backend_keys(tmp_path: Path) -> None:
+    """A backend without gpus and a model without backend or keep_alive omit those keys."""
+    doc = config.to_dict(load_text(tmp_path, '[[model]]\nname = "m"\n'))
+    assert "gpus" not in doc["backend"][0]
+    assert doc["model"] == [
+        {
+            "name": "m:latest",
+            "priority": 5,
+            "pin": False,
+            "preload": False,
+            "aliases": [],
+            "preempt": False,
+            "allow_cpu_spill": False,
+        }
+    ]
+    assert "model" not in config.to_dict(load_text(tmp_path, ""))
+
+
+def print_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llmd.daemon", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("how", ["argument", "--config"])
+def test_print_config_cli(tmp_path: Path, how: str) -> None:
+    """`llmd --print-config` prints the file's effective config as TOML, defaults filled in."""
+    f = tmp_path / "llmd.toml"
+    f.write_text('[proxy]\nlisten = "127.0.0.1:9000"\n[[model]]\nname = "phi3"\n')
+    args = (
+        ["--print-config", str(f)] if how == "argument" else ["--config", str(f), "--print-config"]
+    )
+    r = print_config(*args)
+    assert r.returncode == 0, r.stderr
+    doc = tomllib.loads(r.stdout)
+    assert doc["proxy"]["listen"] == "127.0.0.1:9000"
+    assert doc["daemon"]["log_level"] == "info"
+    assert doc["keep_alive"]["default"] == "10m"
+    assert doc["gpu"]["reserve"] == "512MiB"
+    assert doc["backend"][0]["name"] == "default"
+    assert doc["backend"][0]["port"] == config.FIRST_BACKEND_PORT
+    assert doc["model"][0]["name"] == "phi3:latest"
+    assert doc["model"][0]["priority"] == 5
+    assert config.from_dict(doc, f) == config.load(f)
+
+
+def test_print_config_cli_reference() -> None:
+    """The reference config prints as TOML that reads back to the same Config."""
+    r = print_config("--print-config", str(REFERENCE))
+    assert r.returncode == 0, r.stderr
+    assert config.from_dict(tomllib.loads(r.stdout), REFERENCE) == config.load(REFERENCE)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[proxy]\nlisten = "nope"\n', "proxy.listen"),
+        ('[[model]]\nname = "m"\npinned = true\n', "model[0].pinned"),
+        ("[proxy\n", "invalid TOML"),
+    ],
+)
+def test_print_config_cli_bad_file(tmp_path: Path, text: str, message: str) -> None:
+    """An invalid file makes `llmd --print-config` exit 1 naming the key, printing no TOML."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    r = print_config("--print-config", str(bad))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("llmd: ") and message in r.stderr
