@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from llmd.childapi import ChildAPI
 from llmd.config import BackendConfig
+from llmd.transitions import guard
 
 log = logging.getLogger("llmd.process")
 
@@ -49,6 +51,22 @@ class State(enum.Enum):
     BACKOFF = "backoff"
     STOPPING = "stopping"
     FATAL = "fatal"
+
+
+_ENDS_A_RUN = (State.BACKOFF, State.FATAL, State.STARTING, State.STOPPED)
+# Every change a child makes (Child._change_state checks it). A run ends in any state it had
+# reached: the process exits, the supervisor backs off, gives up, starts again at once when a
+# restart was asked for (even from STARTING), or stops for good.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.RUNNING, *_ENDS_A_RUN}),
+    State.RUNNING: frozenset({State.UNRESPONSIVE, State.DRAINING, State.STOPPING, *_ENDS_A_RUN}),
+    State.UNRESPONSIVE: frozenset({State.RUNNING, State.DRAINING, State.STOPPING, *_ENDS_A_RUN}),
+    State.DRAINING: frozenset({State.STOPPING, *_ENDS_A_RUN}),
+    State.STOPPING: frozenset(_ENDS_A_RUN),
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
+    State.FATAL: frozenset({State.STOPPED}),
+}
 
 
 class SpawnError(Exception):
@@ -147,6 +165,7 @@ class Child:
         spawn: SpawnFn = default_spawn,
         clock: Callable[[], float] = time.monotonic,
         on_exit: Callable[[Child, str], None] | None = None,
+        on_change: Callable[[Child, State, State], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.instance = instance
@@ -154,10 +173,12 @@ class Child:
         self.pid: int | None = None
         self.restarts = 0
         self.error: str | None = None
-        self._session = session
+        # llmd's own questions to this child go through its API client.
+        self.api = ChildAPI(session, f"http://127.0.0.1:{cfg.port}", cfg.name)
         self._spawn = spawn
         self._clock = clock
         self._on_exit = on_exit
+        self._on_change = on_change
         self._proc: asyncio.subprocess.Process | None = None
         self._fast_failures = 0
         self._backoff_until: float | None = None
@@ -205,11 +226,20 @@ class Child:
             return 30
         return RETRY_AFTER_S
 
+    def _change_state(self, new: State, why: str = "") -> None:
+        """Move to `new` if TRANSITIONS allows it from the current state, and tell on_change."""
+        old = self.state
+        guard(TRANSITIONS, f"backend {self.name}", old, new)
+        self.state = new
+        log.debug("backend %s: %s -> %s%s", self.name, old.value, new.value, why and f" ({why})")
+        if self._on_change is not None:
+            self._on_change(self, old, new)
+
     def drain(self) -> bool:
         """Take no new requests (ahead of a stop or restart); False if it was not taking any."""
         if self.state not in (State.RUNNING, State.UNRESPONSIVE):
             return False
-        self.state = State.DRAINING  # RUNNING/UNRESPONSIVE -> DRAINING
+        self._change_state(State.DRAINING)  # RUNNING/UNRESPONSIVE -> DRAINING
         log.info("backend %s: draining: new requests get 503 until it restarts", self.name)
         return True
 
@@ -232,7 +262,7 @@ class Child:
                     self._settled.set()
                     await self._wait_wake(None)
                     if self._restart_requested:
-                        self.state = State.STOPPED  # FATAL -> STOPPED
+                        self._change_state(State.STOPPED, "restart requested")  # FATAL -> STOPPED
                     continue
                 self._restart_requested = False
                 reason, ran_s = await self._run_once()
@@ -253,10 +283,12 @@ class Child:
                         reason,
                         self.name,
                     )
-                    self.state = State.FATAL  # STARTING/RUNNING -> FATAL
+                    # A run that could not spawn is FATAL already (_run_once).
+                    if not self._spawn_failed():  # STARTING/RUNNING/... (end of run) -> FATAL
+                        self._change_state(State.FATAL, reason)
                     continue
                 delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._fast_failures - 1))
-                self.state = State.BACKOFF  # STARTING/RUNNING -> BACKOFF
+                self._change_state(State.BACKOFF, reason)  # STARTING/RUNNING/... -> BACKOFF
                 self._backoff_until = self._clock() + delay
                 self._settled.set()
                 log.warning("backend %s: %s; restarting in %.0fs", self.name, reason, delay)
@@ -266,7 +298,8 @@ class Child:
         finally:
             if self._proc is not None:  # cancelled rather than stopped: do not leave it behind
                 self._signal_group(signal.SIGKILL)
-            self.state = State.STOPPED
+            if self.state is not State.STOPPED:  # stopped before it started, or after FATAL
+                self._change_state(State.STOPPED)  # any -> STOPPED
             self._settled.set()
             self._stopped.set()
             self._supervising = False
@@ -278,47 +311,53 @@ class Child:
 
     async def _run_once(self) -> tuple[str, float]:
         """Start the child and watch it until it exits; return why and how long it was ready."""
-        self.state = State.STARTING  # STOPPED/BACKOFF -> STARTING
+        # STOPPED/BACKOFF -> STARTING, or straight from the end of a run on a restart request.
+        self._change_state(State.STARTING)
         self.generation = next(_generations)
         try:
             proc = await self._start()
         except SpawnError as e:
             self.error = str(e)
             log.error("backend %s: %s", self.name, e)
-            self.state = State.FATAL  # a missing binary will not fix itself by retrying
+            # A missing binary will not fix itself by retrying.
+            self._change_state(State.FATAL, "cannot spawn")  # STARTING -> FATAL
             return str(e), 0.0
-        loop = asyncio.get_running_loop()
-        pump = loop.create_task(self._pump_output(proc), name=f"output-{self.name}")
-        exited = loop.create_task(proc.wait(), name=f"wait-{self.name}")
-        ready_at: float | None = None
-        try:
-            if not await self._await_ready(exited):
+        # The run's helpers are its own: the finally below ends them and the group waits for them.
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(self._pump_output(proc), name=f"output-{self.name}")
+            exited = tg.create_task(proc.wait(), name=f"wait-{self.name}")
+            ready_at: float | None = None
+            try:
+                if not await self._await_ready(exited):
+                    if not self._want_running:
+                        await self._terminate(proc, exited)
+                        return "stopped", 0.0
+                    if exited.done():
+                        why = f"exited with code {proc.returncode} while starting"
+                        return self._set_error(why), 0
+                    await self._terminate(proc, exited)
+                    why = f"not ready within start_timeout ({self.cfg.start_timeout:g}s)"
+                    return self._set_error(why), 0.0
                 if not self._want_running:
                     await self._terminate(proc, exited)
                     return "stopped", 0.0
-                if exited.done():
-                    return self._set_error(f"exited with code {proc.returncode} while starting"), 0
-                await self._terminate(proc, exited)
-                why = f"not ready within start_timeout ({self.cfg.start_timeout:g}s)"
-                return self._set_error(why), 0.0
-            if not self._want_running:
-                await self._terminate(proc, exited)
-                return "stopped", 0.0
-            self.state = State.RUNNING  # STARTING -> RUNNING
-            self.error = None
-            ready_at = self._clock()
-            self._settled.set()
-            log.info("backend %s: ready on port %d (pid %d)", self.name, self.cfg.port, proc.pid)
-            reason = await self._watch(proc, exited)
-            return reason, self._clock() - ready_at
-        finally:
-            if not exited.done():
-                self._signal_group(signal.SIGKILL)
-                exited.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(pump, 2)
-            self._proc = None
-            self.pid = None
+                self._change_state(State.RUNNING)  # STARTING -> RUNNING
+                self.error = None
+                ready_at = self._clock()
+                self._settled.set()
+                log.info(
+                    "backend %s: ready on port %d (pid %d)", self.name, self.cfg.port, proc.pid
+                )
+                reason = await self._watch(proc, exited)
+                return reason, self._clock() - ready_at
+            finally:
+                if not exited.done():
+                    self._signal_group(signal.SIGKILL)
+                    exited.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(pump, 2)
+                self._proc = None
+                self.pid = None
 
     def _spawn_failed(self) -> bool:
         """_run_once went straight to FATAL: the command cannot be started at all."""
@@ -354,18 +393,15 @@ class Child:
             except ValueError:  # a line longer than the stream's limit: it was dropped
                 child_log.info("[%s] (a log line over %d bytes, left out)", self.name, LINE_LIMIT)
                 continue
+            except Exception as e:  # stop copying, but an error here must not end the run
+                log.warning("backend %s: cannot read its output any more: %s", self.name, e)
+                return
             if not line:
                 return
             child_log.info("[%s] %s", self.name, line.decode(errors="replace").rstrip())
 
     async def _probe(self) -> bool:
-        try:
-            async with self._session.get(
-                self.url + "/", timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout)
-            ) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        return await self.api.alive(self.cfg.probe_timeout)
 
     async def _liveness(self, proc: asyncio.subprocess.Process) -> str | None:
         """Why the child is not serving, or None when it answers its probe."""
@@ -394,15 +430,16 @@ class Child:
         while True:
             self._wake.clear()
             if self._want_running and not self._restart_requested:  # else asked during a probe
-                wake = asyncio.get_running_loop().create_task(self._wake.wait())
-                try:
-                    await asyncio.wait(
-                        [exited, wake],
-                        timeout=self.cfg.probe_interval,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                finally:
-                    wake.cancel()
+                async with asyncio.TaskGroup() as tg:
+                    wake = tg.create_task(self._wake.wait(), name=f"wake-{self.name}")
+                    try:
+                        await asyncio.wait(
+                            [exited, wake],
+                            timeout=self.cfg.probe_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        wake.cancel()
             if exited.done():
                 code = proc.returncode
                 if not self._want_running:
@@ -411,13 +448,13 @@ class Child:
                     return self._set_error(f"killed by signal {-code}")
                 return self._set_error(f"exited with code {code}")
             if not self._want_running or self._restart_requested:
-                self.state = State.STOPPING  # RUNNING/UNRESPONSIVE/DRAINING -> STOPPING
+                self._change_state(State.STOPPING)  # RUNNING/UNRESPONSIVE/DRAINING -> STOPPING
                 await self._terminate(proc, exited)
                 return "stopped" if not self._want_running else "restarted on request"
             why = await self._liveness(proc)
             if why is None:
                 if self.state is State.UNRESPONSIVE:
-                    self.state = State.RUNNING  # UNRESPONSIVE -> RUNNING
+                    self._change_state(State.RUNNING, "answering again")  # UNRESPONSIVE -> RUNNING
                     self.error = None
                     log.info("backend %s: answering again", self.name)
                 failures = 0
@@ -426,7 +463,7 @@ class Child:
                 continue  # acted on at the top of the loop
             failures += 1
             if self.state is State.RUNNING:
-                self.state = State.UNRESPONSIVE  # RUNNING -> UNRESPONSIVE
+                self._change_state(State.UNRESPONSIVE, why)  # RUNNING -> UNRESPONSIVE
                 self.error = why
                 log.warning(
                     "backend %s: %s; its new requests get 503 until it answers again",
@@ -434,7 +471,8 @@ class Child:
                     why,
                 )
             if failures >= self.cfg.probe_failures:
-                self.state = State.STOPPING  # UNRESPONSIVE/DRAINING -> STOPPING
+                # UNRESPONSIVE/DRAINING -> STOPPING
+                self._change_state(State.STOPPING, "failed probes")
                 # A hung child is in no state to shut down cleanly, and a stopped one would not
                 # even see SIGTERM until continued: kill it, runners and all.
                 self._signal_group(signal.SIGKILL)

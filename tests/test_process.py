@@ -19,7 +19,8 @@ from llmdproc import free_port
 
 from llmd import config, process
 from llmd.config import BackendConfig, ConfigError
-from llmd.process import Child, State, child_env
+from llmd.process import TRANSITIONS, Child, State, child_env
+from llmd.transitions import IllegalTransition
 
 # A stand-in child: serves GET / on OLLAMA_HOST's port; behaviour set by argv.
 SERVER = textwrap.dedent(
@@ -303,6 +304,86 @@ async def test_draining_child_takes_no_requests_until_restarted(
             await asyncio.sleep(0.02)
     await child.stop()
     await task
+
+
+async def test_a_run_reports_each_state_change(session: aiohttp.ClientSession) -> None:
+    """A child started and stopped tells on_change of each change, in order."""
+    changes: list[tuple[State, State]] = []
+    child = Child(
+        backend("serve"),
+        instance="i",
+        session=session,
+        on_change=lambda c, old, new: changes.append((old, new)),
+    )
+    task = asyncio.create_task(child.supervise())
+    await child.wait_settled()
+    await child.stop()
+    await task
+    assert changes == [
+        (State.STOPPED, State.STARTING),
+        (State.STARTING, State.RUNNING),
+        (State.RUNNING, State.STOPPING),
+        (State.STOPPING, State.STOPPED),
+    ]
+
+
+def test_transition_table_has_a_row_for_every_state() -> None:
+    """Every state is a key of the transition table, and leads only to states."""
+    assert set(TRANSITIONS) == set(State)
+    assert all(isinstance(new, State) for news in TRANSITIONS.values() for new in news)
+
+
+LISTED = [
+    pytest.param(old, new, id=f"{old.value}->{new.value}")
+    for old in State
+    for new in sorted(TRANSITIONS[old], key=lambda s: s.value)
+]
+UNLISTED = [
+    pytest.param(old, new, id=f"{old.value}->{new.value}")
+    for old, new in [
+        (State.STOPPED, State.RUNNING),
+        (State.STOPPED, State.FATAL),
+        (State.STOPPED, State.STOPPED),
+        (State.FATAL, State.RUNNING),
+        (State.FATAL, State.STARTING),
+        (State.FATAL, State.FATAL),
+        (State.BACKOFF, State.RUNNING),
+        (State.BACKOFF, State.FATAL),
+        (State.DRAINING, State.RUNNING),
+        (State.STOPPING, State.RUNNING),
+        (State.RUNNING, State.RUNNING),
+    ]
+]
+
+
+@pytest.mark.parametrize(("old", "new"), LISTED)
+async def test_listed_transition_is_made_and_reported(
+    session: aiohttp.ClientSession, old: State, new: State
+) -> None:
+    """A change the transition table lists is made and reported to on_change."""
+    seen: list[tuple[Child, State, State]] = []
+    b = BackendConfig(name="b0", port=1)
+    child = Child(b, instance="i", session=session, on_change=lambda *a: seen.append(a))
+    child.state = old
+    child._change_state(new)
+    assert child.state is new
+    assert seen == [(child, old, new)]
+
+
+@pytest.mark.parametrize(("old", "new"), UNLISTED)
+async def test_illegal_transition_raises_naming_both_states(
+    session: aiohttp.ClientSession, old: State, new: State
+) -> None:
+    """An illegal transition raises, names the backend and both states, and changes nothing."""
+    assert new not in TRANSITIONS[old]
+    seen: list[tuple[Child, State, State]] = []
+    b = BackendConfig(name="b0", port=1)
+    child = Child(b, instance="i", session=session, on_change=lambda *a: seen.append(a))
+    child.state = old
+    with pytest.raises(IllegalTransition) as e:
+        child._change_state(new)
+    assert str(e.value) == f"backend b0: illegal state change {old.value} -> {new.value}"
+    assert child.state is old and seen == []
 
 
 @pytest.mark.parametrize(
