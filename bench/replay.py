@@ -27,6 +27,7 @@ from llmd.policy import (
     IdleHistogram,
     admission_wait_s,
     break_even_s,
+    candidate,
     choose_victims,
     decide_keep_alive,
     priority_weight,
@@ -288,7 +289,7 @@ class Adaptive(Policy):
         self.merged[m].add(gap)
 
     def on_idle(self, sim: Simulator, m: int, t: float) -> Timers:
-        s = sim.models[m].spec
+        s = sim.models[m].spec.inputs
         p = sim.params
         t0 = time.perf_counter()
         d = decide_keep_alive(
@@ -312,16 +313,14 @@ class Adaptive(Policy):
                 continue
             s = st.spec
             cands.append(
-                Candidate(
-                    name=s.name,
-                    priority=s.priority,
-                    pinned=False,
+                candidate(
+                    s.name,
+                    s.inputs,
                     in_flight=st.in_flight,
                     size_bytes=int(s.size_gb * _GB),
                     idle_s=t - st.busy_end if st.busy_end is not None else 0.0,
                     hist=self.merged[i],
-                    break_even_s=break_even_s(s.load_s, s.size_gb, s.priority, sim.params.beta),
-                    load_s=s.load_s,
+                    beta=sim.params.beta,
                 )
             )
         return cands

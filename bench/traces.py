@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmd.policy import ModelInputs
+
 DAY = 86400.0
 HOUR = 3600.0
 MINUTE = 60.0
@@ -27,6 +29,13 @@ class ModelSpec:
     size_gb: float
     load_s: float
     priority: int
+
+    @property
+    def inputs(self) -> ModelInputs:
+        """What llmd's policy weighs about it (llmd.models.policy_inputs in the daemon)."""
+        return ModelInputs(
+            priority=self.priority, pinned=False, load_s=self.load_s, size_gb=self.size_gb
+        )
 
     @property
     def service_s(self) -> float:

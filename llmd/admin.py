@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import resource
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from llmd.lifecycle import LoadError
-
-if TYPE_CHECKING:
-    from llmd.backends import Backends
-    from llmd.daemon import Daemon
+from llmd import __version__, metrics
+from llmd.backends import Backends
+from llmd.config import Config
+from llmd.connlimit import Connections
+from llmd.lifecycle import EventSink, Lifecycle
+from llmd.models import LoadError, Model, MState, policy_inputs
+from llmd.process import Child
+from llmd.proxy import Proxy
+from llmd.store import Store
 
 log = logging.getLogger("llmd.admin")
 
@@ -56,11 +63,44 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return resp
 
 
-class Admin:
-    """Routes of the admin API, each a thin call into the daemon."""
+class Control(Protocol):
+    """What only the daemon can do: reload its config, restart a backend after draining it."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    started_at: float
+
+    async def reload(self) -> tuple[bool, list[str]]: ...
+
+    def restart_backend(self, child: Child) -> int: ...
+
+
+class Admin:
+    """Routes of the admin API, and the views of the core they answer with (status, models,
+    pins; the /metrics snapshot)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        backends: Backends,
+        lifecycle: Lifecycle,
+        store: Store,
+        proxy: Proxy,
+        connections: Connections,
+        events: EventSink,
+        control: Control,
+    ) -> None:
+        self.cfg = cfg
+        self.backends = backends
+        self.lifecycle = lifecycle
+        self.store = store
+        self.proxy = proxy
+        self.connections = connections
+        self._events = events
+        self._control = control
+
+    def configure(self, cfg: Config) -> None:
+        """Take a reloaded config."""
+        self.cfg = cfg
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors])
@@ -77,25 +117,25 @@ class Admin:
         return app
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.d.status_doc())
+        return web.json_response(self.status_doc())
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": self.d.models_doc()})
+        return web.json_response({"models": self.models_doc()})
 
     def _name(self, request: web.Request) -> str:
-        return self.d.resolve(request.match_info["name"])
+        return self.proxy.resolve(request.match_info["name"])
 
     async def load(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        child = await self.d.backends.locate(name)
+        child = await self.backends.locate(name)
         if child is None:
-            raise not_found(self.d.backends, name)
+            raise not_found(self.backends, name)
         if not child.running:
             raise AdminError(
                 503, "backend_unavailable", f"backend {child.name!r} is {child.state.value}"
             )
         try:
-            m = await self.d.lifecycle.load(name, child, reason="llmctl load")
+            m = await self.lifecycle.load(name, child, reason="llmctl load")
         except LoadError as e:
             # No room in GPU memory keeps its 503 (try again later); a child's failure is 502.
             status = e.status if e.status < 500 or e.retry_after_s else 502
@@ -107,30 +147,30 @@ class Admin:
 
     async def unload(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        if name not in self.d.lifecycle.models and await self.d.backends.locate(name) is None:
-            raise not_found(self.d.backends, name)
-        outcome = await self.d.lifecycle.unload(name, reason="llmctl unload")
+        if name not in self.lifecycle.models and await self.backends.locate(name) is None:
+            raise not_found(self.backends, name)
+        outcome = await self.lifecycle.unload(name, reason="llmctl unload")
         return web.json_response({"model": name, "outcome": outcome})
 
     async def pin(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.d.set_pin(self._name(request), True))
+        return web.json_response(await self.set_pin(self._name(request), True))
 
     async def unpin(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.d.set_pin(self._name(request), False))
+        return web.json_response(await self.set_pin(self._name(request), False))
 
     async def restart(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        child = self.d.backends.children.get(name)
+        child = self.backends.children.get(name)
         if child is None:
-            known = ", ".join(self.d.backends.children) or "none"
+            known = ", ".join(self.backends.children) or "none"
             raise AdminError(404, "not_found", f"no backend named {name!r} (backends: {known})")
         # Its requests in flight finish first (up to daemon.shutdown_timeout); new ones get 503.
-        n = self.d.restart_backend(child)
+        n = self._control.restart_backend(child)
         outcome = f"restarting once its {n} request(s) in flight finish" if n else "restarting"
         return web.json_response({"backend": name, "outcome": outcome, "in_flight": n})
 
     async def reload(self, request: web.Request) -> web.Response:
-        ok, changes = await self.d.reload()
+        ok, changes = await self._control.reload()
         if not ok:
             raise AdminError(400, "invalid_config", changes[0])
         return web.json_response({"reloaded": True, "changes": changes})
@@ -141,10 +181,188 @@ class Admin:
         except ValueError:
             raise AdminError(400, "bad_request", "limit must be an integer") from None
         model = request.query.get("model")
-        events = await self.d.store.events(
-            limit=limit, model=self.d.resolve(model) if model else None
+        events = await self.store.events(
+            limit=limit, model=self.proxy.resolve(model) if model else None
         )
         return web.json_response({"events": events})
+
+    # -- pins -------------------------------------------------------------------------------------
+
+    async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
+        """Pin or unpin a model at run time, saved for restarts as soon as the store can."""
+        mc = self.cfg.model(name)
+        if not pinned and mc is not None and mc.pin:
+            i = self.cfg.models.index(mc)
+            raise AdminError(
+                409,
+                "pinned_in_config",
+                f"{name} is pinned in {self.cfg.path} (model[{i}].pin): set pin = false there "
+                "and run llmctl reload",
+            )
+        if pinned and mc is None and await self.backends.locate(name) is None:
+            raise not_found(self.backends, name)
+        if pinned:
+            err = await self.lifecycle.pinned_fit_error(self.cfg, extra=name)
+            if err is not None:
+                raise AdminError(409, "does_not_fit", f"cannot pin {name}: {err}")
+        saved = await self.store.set_pin(name, pinned)
+        self._events.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
+        self.lifecycle.rearm()  # a pinned model never times out; an unpinned one learns again
+        # In force either way; while the store is degraded it is saved when the disk heals, and
+        # the caller is told so, since a restart before then would lose it.
+        return {
+            "model": name,
+            "pinned": pinned,
+            "saved": saved,
+            "not_saved": None if saved else self.store.degraded or "the store is closed",
+        }
+
+    # -- views ------------------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        children = self.backends.children.values()
+        running = sum(c.running for c in children)
+        loaded = sum(m.state is MState.LOADED for m in self.lifecycle.models.values())
+        return (
+            f"{running}/{len(children)} backends running, {loaded} models loaded, "
+            f"{self.proxy.in_flight} requests in flight"
+        )
+
+    def status_doc(self) -> dict[str, Any]:
+        """Everything `llmctl status` shows."""
+        return {
+            "api_version": API_VERSION,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self._control.started_at, 1),
+            "config": str(self.cfg.path),
+            "proxy": {
+                "listen": self.cfg.proxy.listen,
+                "in_flight": self.proxy.in_flight,
+                "connections": self.connections.snapshot(),
+                "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            },
+            "admin_socket": str(self.cfg.daemon.admin_socket),
+            "summary": self.summary(),
+            "backends": [
+                {
+                    "name": s.name,
+                    "state": s.state,
+                    "pid": s.pid,
+                    "port": s.port,
+                    "restarts": s.restarts,
+                    "error": s.error,
+                    "retry_in_s": None if s.backoff_s is None else round(s.backoff_s, 1),
+                    "gpus": None if c.cfg.gpus is None else list(c.cfg.gpus),
+                }
+                for c in self.backends.children.values()
+                for s in [c.status()]
+            ],
+            "models": self.models_doc(),
+            "gpu": self._gpu_doc(),
+            "store": self.store.status(),
+        }
+
+    def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
+        """A model's known GPU footprint for `llmctl plan`, and its quantisation."""
+        fp = self.lifecycle.memory.known_footprint(name, m, backend)
+        pulled = self.backends.pulled(backend or "", name)
+        return {
+            "footprint_bytes": fp.bytes if fp else None,
+            "footprint_basis": fp.basis if fp else None,
+            "quant": pulled.quantization_level if pulled is not None else None,
+        }
+
+    def _gpu_doc(self) -> dict[str, Any] | None:
+        snap = self.lifecycle.memory.snapshot
+        if snap is None:
+            return {"probe": self.cfg.gpu.probe, "devices": [], "error": "not read yet"}
+        doc = snap.to_dict()
+        ours = sum(m.size_vram for m in self.lifecycle.models.values())
+        doc["llmd_bytes"] = ours
+        doc["other_programs_bytes"] = max(0, snap.used_bytes - ours) if snap.devices else 0
+        return doc
+
+    def models_doc(self) -> list[dict[str, Any]]:
+        """Every configured, pulled or seen model with its state and keep-alive."""
+        names: dict[str, str | None] = {}
+        for conf in self.cfg.models:
+            names[conf.name] = conf.backend or self.cfg.backends[0].name
+        for b in self.cfg.backends:
+            for t in self.backends.tags(b.name):
+                names.setdefault(t.name, b.name)
+        for known in self.lifecycle.models.values():
+            names[known.name] = known.backend
+        out = []
+        now = time.monotonic()
+        for name, backend in sorted(names.items()):
+            if not name:
+                continue
+            mc = self.cfg.model(name)
+            m = self.lifecycle.models.get(name)
+            # Another name of the same model (same digest) may be what its runner loaded as.
+            runner = self.lifecycle.runner_of(name, backend)
+            if runner is not None:
+                m = runner
+            # A model never used yet: what its keep-alive would be, without recording it.
+            ka = self.lifecycle.keep_alive_of(m if m is not None else Model(name, backend or ""))
+            inputs = policy_inputs(self.cfg, self.store, name, m)
+            out.append(
+                {
+                    "name": name,
+                    "backend": backend,
+                    "state": m.state.value if m else MState.UNLOADED.value,
+                    "runner": runner.name if runner is not None else None,
+                    "priority": inputs.priority,
+                    "pinned": inputs.pinned,
+                    "aliases": list(mc.aliases) if mc else [],
+                    "keep_alive_s": ka.keep_alive_s if ka else None,
+                    "keep_alive_source": ka.source if ka else None,
+                    "keep_alive_samples": ka.samples if ka else 0,
+                    "keep_alive_percentile": ka.percentile if ka else None,
+                    "expires_in_s": (
+                        round(max(0.0, m.deadline - now), 1)
+                        if m is not None and m.deadline is not None
+                        else None
+                    ),
+                    "in_flight": m.in_flight if m else 0,
+                    "size": m.size if m else 0,
+                    "size_vram": m.size_vram if m else 0,
+                    "loads": m.loads if m else 0,
+                    "last_load_s": m.last_load_s if m else None,
+                    **self._footprint(name, m, backend),
+                }
+            )
+        return out
+
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        """The gauges /metrics shows, as plain data."""
+        models = sorted(self.lifecycle.models.values(), key=lambda m: m.name)
+        snap = self.lifecycle.memory.snapshot
+        return metrics.Snapshot(
+            models=[
+                metrics.ModelGauges(
+                    name=m.name,
+                    backend=m.backend,
+                    loaded=m.state is MState.LOADED,
+                    in_flight=m.in_flight,
+                    vram_bytes=m.size_vram,
+                    keep_alive_s=ka.keep_alive_s,
+                    keep_alive_source=ka.source,
+                )
+                for m in models
+                for ka in [self.lifecycle.keep_alive_of(m)]
+            ],
+            backends=[
+                metrics.BackendGauges(c.name, c.running, c.restarts)
+                for c in self.backends.children.values()
+            ],
+            gpus=[
+                metrics.GpuGauges(d.index, d.used_bytes, d.total_bytes)
+                for d in (snap.devices if snap is not None else [])
+            ],
+        )
 
 
 def not_found(backends: Backends, name: str) -> AdminError:

@@ -12,12 +12,11 @@ from typing import Any
 import aiohttp
 import psutil
 
+from llmd.childapi import Pulled
 from llmd.config import BackendConfig, Config, diff_backends, normalize_model
 from llmd.process import CHILD_MARKER, Child, SpawnFn, default_spawn
 
 log = logging.getLogger("llmd.backends")
-
-TAGS_TIMEOUT_S = 5.0
 
 StartTask = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -42,7 +41,7 @@ class Backends:
         self._on_exit = on_exit
         self.children: dict[str, Child] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._tags: dict[str, list[dict[str, Any]]] = {}
+        self._tags: dict[str, list[Pulled]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._tags_failing: set[str] = set()
         for b in cfg.backends:  # shown as stopped (and their models as not known) until start()
@@ -87,7 +86,7 @@ class Backends:
         _, changed, removed = diff_backends(self.cfg, new)
         return [self.children[b.name] for b in removed + changed if b.name in self.children]
 
-    async def apply(self, new: Config) -> list[str]:
+    async def configure(self, new: Config) -> list[str]:
         """Apply a reloaded config as a diff; an unchanged backend keeps its process."""
         added, changed, removed = diff_backends(self.cfg, new)
         self.cfg = new
@@ -157,9 +156,7 @@ class Backends:
     def _from_tags(self, model: str) -> Child | None:
         for b in self.cfg.backends:
             child = self.children.get(b.name)
-            if child is not None and any(
-                t.get("name") == model for t in self._tags.get(b.name, [])
-            ):
+            if child is not None and any(t.name == model for t in self._tags.get(b.name, [])):
                 return child
         return None
 
@@ -191,17 +188,16 @@ class Backends:
         """Re-read /api/tags from every running child; concurrent callers share one scan."""
         task = self._refreshing
         if task is None or task.done():  # a finished scan may predate the caller's question
-            task = self._refreshing = asyncio.get_running_loop().create_task(self._scan_tags())
+            task = self._refreshing = self._start_task(self._scan_tags(), "scan-tags")
         await asyncio.shield(task)
 
     async def _scan_tags(self) -> None:
+        """One scan (a task of the daemon's TaskGroup, shared by its callers: never raises)."""
         running = [c for c in self.children.values() if c.running]
-        results = await asyncio.gather(
-            *(self.fetch_json(c, "/api/tags") for c in running), return_exceptions=True
-        )
+        results = await asyncio.gather(*(c.api.tags() for c in running), return_exceptions=True)
         for child, res in zip(running, results, strict=True):
-            if isinstance(res, dict):
-                self._tags[child.name] = list(res.get("models") or [])
+            if isinstance(res, list):
+                self._tags[child.name] = res
                 if child.name in self._tags_failing:
                     self._tags_failing.discard(child.name)
                     log.info("backend %s: its models can be listed again", child.name)
@@ -209,24 +205,22 @@ class Backends:
                 self._tags_failing.add(child.name)
                 log.warning("backend %s: could not list its models: %s", child.name, _why(res))
 
-    def set_tags(self, backend: str, models: list[dict[str, Any]]) -> None:
+    def set_tags(self, backend: str, models: list[Pulled]) -> None:
         """Record what a backend's /api/tags just said."""
         self._tags[backend] = models
 
-    def tags(self, backend: str) -> list[dict[str, Any]]:
+    def tags(self, backend: str) -> list[Pulled]:
         """The last /api/tags models seen on a backend."""
         return self._tags.get(backend, [])
 
-    async def fetch_json(self, child: Child, path: str) -> dict[str, Any]:
-        """GET a JSON object from a child (ValueError if it is not one)."""
-        async with self._session.get(
-            child.url + path, timeout=aiohttp.ClientTimeout(total=TAGS_TIMEOUT_S)
-        ) as r:
-            r.raise_for_status()
-            doc = await r.json(content_type=None)
-        if not isinstance(doc, dict):
-            raise ValueError(f"{path} of backend {child.name}: expected a JSON object")
-        return doc
+    def pulled(self, backend: str, name: str) -> Pulled | None:
+        """A model as a backend's last /api/tags listed it, if it did."""
+        return next((t for t in self._tags.get(backend, []) if t.name == name), None)
+
+    def digest_of(self, name: str, backend: str) -> str | None:
+        """The digest a backend's /api/tags gives the name, if it was listed."""
+        pulled = self.pulled(backend, name)
+        return pulled.digest if pulled is not None else None
 
 
 def stop_stale_children(b: BackendConfig, instance: str) -> None:

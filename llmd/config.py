@@ -261,13 +261,6 @@ class Config:
                 return m
         return None
 
-    def backend(self, name: str) -> BackendConfig | None:
-        """The [[backend]] entry with this name, if any."""
-        for b in self.backends:
-            if b.name == name:
-                return b
-        return None
-
     def aliases(self) -> dict[str, str]:
         """Alias -> canonical model name."""
         return {a: m.name for m in self.models for a in m.aliases}

@@ -24,20 +24,14 @@ import psutil
 from aiohttp import web
 
 from llmd import __version__, config, gpu, logfilter
-from llmd.admin import (
-    API_VERSION,
-    Admin,
-    AdminError,
-    not_found,
-    prepare_socket,
-    secure_socket,
-)
+from llmd.admin import Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap
-from llmd.lifecycle import Lifecycle, Model, MState, policy_keep_alive
+from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
 from llmd.metrics import Metrics
+from llmd.models import Model
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
 from llmd.proxy import Proxy
@@ -73,7 +67,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._restarts: dict[str, asyncio.Task[None]] = {}  # `llmctl restart`s draining first
         self._stopping = False
-        self._started_at = time.time()
+        self.started_at = time.time()
         self.exit_code = 0
         self.notifier = Notifier()
         self.metrics = Metrics()
@@ -83,6 +77,7 @@ class Daemon:
         self.proxy: Proxy
         self.connections: Connections
         self.memory: Memory
+        self.admin: Admin
         self._tg: asyncio.TaskGroup
 
     # -- running ----------------------------------------------------------------------------------
@@ -111,12 +106,18 @@ class Daemon:
                 spawn=self._spawn,
                 on_exit=self._child_exited,
             )
+            self.memory = Memory(
+                self.cfg, self._make_probe(), backends=self.backends, history=self.store
+            )
+            stack.push_async_callback(self.memory.probe.close)
             self.lifecycle = Lifecycle(
                 self.cfg,
                 self.backends,
-                session=session,
+                self.memory,
+                history=self.store,
                 events=self,
-                keep_alive=policy_keep_alive(self.cfg, self.store),
+                start_task=self._start_task,
+                on_loaded=self._loaded,
             )
             self.proxy = Proxy(
                 self.cfg,
@@ -124,19 +125,20 @@ class Daemon:
                 self.lifecycle,
                 session=session,
                 record=self.record_request,
-                metrics=lambda: self.metrics.render(self),
+                metrics=lambda: self.metrics.render(self.admin.metrics_snapshot()),
             )
-            self.memory = Memory(self.cfg, self._make_probe(), store=self.store, session=session)
-            stack.push_async_callback(self.memory.probe.close)
-            self.memory.lifecycle = self.lifecycle
-            self.lifecycle.memory = self.memory
-            self.lifecycle.on_loaded = self._loaded
-            await self._bind(stack)  # first: a second llmd must fail here, not stop our children
-            await asyncio.to_thread(self.backends.stop_stale)
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                self.backends.start()
-                tg.create_task(self._main(), name="main")
+            # The TaskGroup exists before the sockets are bound: the first request may start
+            # a load or a scan of the children's models, and those run in it.
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    # First: a second llmd must fail here, not stop our children.
+                    await self._bind(stack)
+                    await asyncio.to_thread(self.backends.stop_stale)
+                    self.backends.start()
+                    tg.create_task(self._main(), name="main")
+            except* StartupError as eg:
+                raise eg.exceptions[0] from None
 
     def record_event(
         self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
@@ -161,9 +163,8 @@ class Daemon:
         for child in self.backends.children.values():
             if not child.running:
                 continue
-            doc = await self.backends.fetch_json(child, "/api/ps")
-            for e in doc.get("models") or []:
-                out.append({**e, "gpus": list(child.cfg.gpus or [])})
+            for r in await child.api.ps():
+                out.append({**r.raw, "gpus": list(child.cfg.gpus or [])})
         return out
 
     async def _loaded(self, m: Model, load_s: float) -> None:
@@ -196,7 +197,17 @@ class Daemon:
             await LimitedSite(proxy_runner, p.host, p.port, self.connections).start()
         except OSError as e:
             raise StartupError(_port_in_use_message(p.listen, p.port, e)) from None
-        admin_runner = web.AppRunner(Admin(self).app(), access_log=None)
+        self.admin = Admin(
+            self.cfg,
+            backends=self.backends,
+            lifecycle=self.lifecycle,
+            store=self.store,
+            proxy=self.proxy,
+            connections=self.connections,
+            events=self,
+            control=self,
+        )
+        admin_runner = web.AppRunner(self.admin.app(), access_log=None)
         await admin_runner.setup()
         stack.push_async_callback(admin_runner.cleanup)
         sock = self.cfg.daemon.admin_socket
@@ -222,7 +233,7 @@ class Daemon:
             tg.create_task(self._report_status(), name="status"),
             tg.create_task(self._startup(), name="startup"),
             tg.create_task(self.lifecycle.run_reconcile(), name="reconcile"),
-            tg.create_task(self.memory.run_pressure(), name="gpu-pressure"),
+            tg.create_task(self.lifecycle.run_pressure(), name="gpu-pressure"),
         ]
         store_stop = asyncio.Event()
         store_task = tg.create_task(self.store.run(store_stop), name="store")
@@ -248,7 +259,7 @@ class Daemon:
         """READY=1 once every backend is ready or has failed; then preload, then reconcile."""
         await self.backends.wait_settled()
         await self.backends.refresh_tags()
-        err = await self.memory.pinned_fit_error(self.cfg)
+        err = await self.lifecycle.pinned_fit_error(self.cfg)
         if err is not None:
             log.error("%s: %s", self.cfg.path, err)
             self.exit_code = EX_CONFIG
@@ -272,14 +283,14 @@ class Daemon:
         """Restart a child once its requests in flight finish; return how many there are."""
         pending = self._restarts.get(child.name)
         if pending is not None and not pending.done():
-            return self._in_flight_on(child.name)  # already draining for a restart
+            return self.lifecycle.in_flight_on(child.name)  # already draining for a restart
         if not child.drain():  # not serving (backoff, fatal, starting): nothing to wait for
             child.restart()
             return 0
         self._restarts[child.name] = self._tg.create_task(
             self._drain_then_restart(child), name=f"restart-{child.name}"
         )
-        return self._in_flight_on(child.name)
+        return self.lifecycle.in_flight_on(child.name)
 
     async def _drain_then_restart(self, child: Child) -> None:
         generation = child.generation
@@ -290,10 +301,6 @@ class Daemon:
         if child.generation == generation:  # else it died meanwhile and was replaced
             child.restart()
 
-    def _in_flight_on(self, backend: str) -> int:
-        """Requests in flight on a backend, as lifecycle counts them per model."""
-        return sum(m.in_flight for m in self.lifecycle.models.values() if m.backend == backend)
-
     async def _drain(self, children: list[Child]) -> None:
         """Route no new requests to these children and wait, up to daemon.shutdown_timeout,
         for their requests in flight to finish."""
@@ -302,11 +309,11 @@ class Daemon:
         timeout = self.cfg.daemon.shutdown_timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not any(self._in_flight_on(c.name) for c in children):
+            if not any(self.lifecycle.in_flight_on(c.name) for c in children):
                 return
             await asyncio.sleep(DRAIN_POLL_S)
         for c in children:
-            n = self._in_flight_on(c.name)
+            n = self.lifecycle.in_flight_on(c.name)
             if n:
                 log.warning(
                     "backend %s: %d request(s) still in flight after %gs (daemon.shutdown_timeout);"
@@ -329,12 +336,7 @@ class Daemon:
 
     def summary(self) -> str:
         """One line for systemd's STATUS= and the log."""
-        running = sum(c.running for c in self.backends.children.values())
-        loaded = sum(m.state is MState.LOADED for m in self.lifecycle.models.values())
-        return (
-            f"{running}/{len(self.backends.children)} backends running, {loaded} models loaded, "
-            f"{self.proxy.in_flight} requests in flight"
-        )
+        return self.admin.summary()
 
     # -- reload -----------------------------------------------------------------------------------
 
@@ -378,169 +380,26 @@ class Daemon:
             ):
                 if old_v != new_v:
                     notes.append(f"{what} changed: restart llmd to apply it")
-            err = await self.memory.pinned_fit_error(new)
+            err = await self.lifecycle.pinned_fit_error(new)
             if err is not None:
                 log.error("reload failed, keeping the running config: %s", err)
                 self.record_event("reload", reason=f"rejected: {err}")
                 return False, [f"{new.path}: {err}"]
             # Streams in flight on a child about to stop finish first (bounded).
             await self._drain(self.backends.leaving(new))
-            notes += await self.backends.apply(new)
+            notes += await self.backends.configure(new)
             self.cfg = new
-            self.lifecycle.cfg = new
-            self.proxy.cfg = new
+            for part in (self.memory, self.lifecycle, self.proxy, self.admin):
+                part.configure(new)
             self.connections.configure(new.proxy)
             _warn_exposure(new)
-            self.memory.cfg = new
-            self.lifecycle.set_keep_alive_fn(policy_keep_alive(new, self.store))
+            self.lifecycle.rearm()  # keep-alives decided under the new config
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             self.record_event("reload", reason="; ".join(notes) or "no backend changes")
             log.info("reloaded %s: %s", new.path, "; ".join(notes) or "no backend changes")
             return True, notes
         finally:
             self.notifier.notify("READY=1", f"STATUS={self.summary()}")
-
-    # -- admin views ------------------------------------------------------------------------------
-
-    def resolve(self, name: str) -> str:
-        """An alias's model name, else the canonical form of the name."""
-        return self.proxy.resolve(name)
-
-    async def set_pin(self, name: str, pinned: bool) -> dict[str, Any]:
-        """Pin or unpin a model at run time, saved for restarts as soon as the store can."""
-        mc = self.cfg.model(name)
-        if not pinned and mc is not None and mc.pin:
-            i = self.cfg.models.index(mc)
-            raise AdminError(
-                409,
-                "pinned_in_config",
-                f"{name} is pinned in {self.cfg.path} (model[{i}].pin): set pin = false there "
-                "and run llmctl reload",
-            )
-        if pinned and mc is None and await self.backends.locate(name) is None:
-            raise not_found(self.backends, name)
-        if pinned:
-            err = await self.memory.pinned_fit_error(self.cfg, extra=name)
-            if err is not None:
-                raise AdminError(409, "does_not_fit", f"cannot pin {name}: {err}")
-        saved = await self.store.set_pin(name, pinned)
-        self.record_event("pin" if pinned else "unpin", model=name, reason="llmctl")
-        self.lifecycle.set_keep_alive_fn(policy_keep_alive(self.cfg, self.store))
-        # In force either way; while the store is degraded it is saved when the disk heals, and
-        # the caller is told so, since a restart before then would lose it.
-        return {
-            "model": name,
-            "pinned": pinned,
-            "saved": saved,
-            "not_saved": None if saved else self.store.degraded or "the store is closed",
-        }
-
-    def status_doc(self) -> dict[str, Any]:
-        """Everything `llmctl status` shows."""
-        return {
-            "api_version": API_VERSION,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self._started_at, 1),
-            "config": str(self.cfg.path),
-            "proxy": {
-                "listen": self.cfg.proxy.listen,
-                "in_flight": self.proxy.in_flight,
-                "connections": self.connections.snapshot(),
-                "open_file_limit": _nofile(),
-            },
-            "admin_socket": str(self.cfg.daemon.admin_socket),
-            "summary": self.summary(),
-            "backends": [
-                {
-                    "name": s.name,
-                    "state": s.state,
-                    "pid": s.pid,
-                    "port": s.port,
-                    "restarts": s.restarts,
-                    "error": s.error,
-                    "retry_in_s": None if s.backoff_s is None else round(s.backoff_s, 1),
-                    "gpus": None if c.cfg.gpus is None else list(c.cfg.gpus),
-                }
-                for c in self.backends.children.values()
-                for s in [c.status()]
-            ],
-            "models": self.models_doc(),
-            "gpu": self._gpu_doc(),
-            "store": self.store.status(),
-        }
-
-    def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
-        """A model's known GPU footprint for `llmctl plan`, and its quantisation."""
-        fp = self.memory.known_footprint(name, m, backend)
-        tag = next((t for t in self.backends.tags(backend or "") if t.get("name") == name), {})
-        return {
-            "footprint_bytes": fp.bytes if fp else None,
-            "footprint_basis": fp.basis if fp else None,
-            "quant": (tag.get("details") or {}).get("quantization_level"),
-        }
-
-    def _gpu_doc(self) -> dict[str, Any] | None:
-        snap = self.memory.snapshot
-        if snap is None:
-            return {"probe": self.cfg.gpu.probe, "devices": [], "error": "not read yet"}
-        doc = snap.to_dict()
-        ours = sum(m.size_vram for m in self.lifecycle.models.values())
-        doc["llmd_bytes"] = ours
-        doc["other_programs_bytes"] = max(0, snap.used_bytes - ours) if snap.devices else 0
-        return doc
-
-    def models_doc(self) -> list[dict[str, Any]]:
-        """Every configured, pulled or seen model with its state and keep-alive."""
-        names: dict[str, str | None] = {}
-        for conf in self.cfg.models:
-            names[conf.name] = conf.backend or self.cfg.backends[0].name
-        for b in self.cfg.backends:
-            for t in self.backends.tags(b.name):
-                names.setdefault(t.get("name", ""), b.name)
-        for known in self.lifecycle.models.values():
-            names[known.name] = known.backend
-        pins = self.store.pins()
-        out = []
-        now = time.monotonic()
-        for name, backend in sorted(names.items()):
-            if not name:
-                continue
-            mc = self.cfg.model(name)
-            m = self.lifecycle.models.get(name)
-            # Another name of the same model (same digest) may be what its runner loaded as.
-            runner = self.lifecycle.runner_of(name, backend)
-            if runner is not None:
-                m = runner
-            # A model never used yet: what its keep-alive would be, without recording it.
-            ka = self.lifecycle.keep_alive_of(m if m is not None else Model(name, backend or ""))
-            out.append(
-                {
-                    "name": name,
-                    "backend": backend,
-                    "state": m.state.value if m else MState.UNLOADED.value,
-                    "runner": runner.name if runner is not None else None,
-                    "priority": mc.priority if mc else config.ModelConfig.priority,
-                    "pinned": bool((mc and mc.pin) or name in pins),
-                    "aliases": list(mc.aliases) if mc else [],
-                    "keep_alive_s": ka.keep_alive_s if ka else None,
-                    "keep_alive_source": ka.source if ka else None,
-                    "keep_alive_samples": ka.samples if ka else 0,
-                    "keep_alive_percentile": ka.percentile if ka else None,
-                    "expires_in_s": (
-                        round(max(0.0, m.deadline - now), 1)
-                        if m is not None and m.deadline is not None
-                        else None
-                    ),
-                    "in_flight": m.in_flight if m else 0,
-                    "size": m.size if m else 0,
-                    "size_vram": m.size_vram if m else 0,
-                    "loads": m.loads if m else 0,
-                    "last_load_s": m.last_load_s if m else None,
-                    **self._footprint(name, m, backend),
-                }
-            )
-        return out
 
 
 def _libc_trim() -> Callable[[int], int] | None:

@@ -1,103 +1,50 @@
-"""Every model's lifecycle: in-flight counts, shared loads, keep-alive timers, reconciliation."""
+"""Every model's lifecycle: in-flight counts, shared loads, admission and eviction, keep-alive
+timers, pressure relief and reconciliation with the children.
+
+The one writer of model state: every change goes through `_set_state`, checked against
+`models.TRANSITIONS`. Memory decides (admit, evict these, wait); the lifecycle acts on it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import aiohttp
-
-from llmd import policy
-from llmd.backends import Backends
-from llmd.config import Config, ModelConfig, normalize_model
+from llmd import models as modelinfo
+from llmd.backends import Backends, StartTask
+from llmd.childapi import ChildAPIError, Runner
+from llmd.config import Config, normalize_model
+from llmd.memory import Memory
+from llmd.models import TRANSITIONS, History, KeepAlive, LoadError, Model, MState, NoRoom
 from llmd.process import Child
-
-if TYPE_CHECKING:
-    from llmd.memory import Memory
+from llmd.transitions import guard
 
 log = logging.getLogger("llmd.lifecycle")
 
-LOAD_TIMEOUT_S = 600.0
-DEFAULT_PRIORITY = ModelConfig.priority
 UNLOAD_CONFIRM_S = 15.0
-UNLOAD_TIMEOUT_S = 30.0  # Ollama answers an unload at once; a hung child must not stall timers
 RECONCILE_INTERVAL_S = 5.0
 # Runner options that make Ollama reload a model (api/types.go api.Runner): a shared load
 # passes them along so the request that follows does not reload it again.
 RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 
 
-class MState(enum.Enum):
-    """Where a model is in its lifecycle."""
-
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-
-
-class LoadError(Exception):
-    """A model could not be loaded; carries the HTTP status and Ollama's message."""
-
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
 class EventSink(Protocol):
-    """Where lifecycle events go (the store)."""
+    """Where lifecycle events go: the daemon counts them for /metrics and keeps them in the
+    store for `llmctl events`."""
 
     def record_event(
         self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
     ) -> None: ...
 
 
-# A model's current keep-alive and where it comes from (pinned, fixed, default, adaptive...).
-KeepAlive = policy.KeepAliveDecision
-
-
 class KeepAliveFn(Protocol):
     """A model's keep-alive, given how long it has been idle already (0 as it goes idle)."""
 
     def __call__(self, m: Model, idle_s: float = 0.0, /) -> KeepAlive: ...
-
-
-@dataclass
-class Model:
-    """Live state of one model."""
-
-    name: str
-    backend: str
-    state: MState = MState.UNLOADED
-    # What the backend's runner is keyed by (Ollama's scheduler keys runners by the model's
-    # file, not its name): two names with one digest share one runner, listed under the first.
-    digest: str | None = None
-    in_flight: int = 0
-    deadline: float | None = None  # monotonic time at which an idle model unloads
-    idle_since: float | None = None
-    size: int = 0
-    size_vram: int = 0
-    last_load_s: float | None = None
-    loads: int = 0
-    unload_when_idle: bool = False
-    embedding: bool = False
-    changed_at: float = 0.0
-    load_task: asyncio.Task[float] | None = None
-    # The request handlers holding the model, so that a preempting eviction can cancel them.
-    holders: set[asyncio.Task[Any]] = field(default_factory=set)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    keep_alive: KeepAlive | None = None
-    prewarm_at: float | None = None  # monotonic time to reload an idle, unloaded model
-    prewarm_expire_at: float | None = None
-    prewarmed: bool = False  # loaded by pre-warm and not used since
 
 
 @dataclass
@@ -110,83 +57,48 @@ class Lease:
     load_s: float | None
 
 
-class History(Protocol):
-    """What the policy learns from (the store)."""
-
-    def pins(self) -> set[str]: ...
-
-    def idle_histogram(self, model: str, days: int = 14) -> policy.IdleHistogram: ...
-
-    def model_facts(self, model: str) -> Any: ...
-
-
-# Before a model's first measured load: what a 7B-class model costs, roughly.
-GUESS_LOAD_S = 10.0
-GUESS_SIZE_GB = 5.0
-
-
-def policy_keep_alive(cfg: Config, history: History) -> KeepAliveFn:
-    """Keep-alive per model: pinned, a fixed override, or learned from its idle gaps."""
-    k = cfg.keep_alive
-
-    def decide(m: Model, idle_s: float = 0.0, /) -> KeepAlive:
-        mc = cfg.model(m.name)
-        if (mc is not None and mc.pin) or m.name in history.pins():
-            return policy.pinned_decision()
-        mode = mc.keep_alive if mc is not None else None
-        if isinstance(mode, float):
-            return policy.fixed_decision(mode)
-        if mode is None and k.policy == "fixed":
-            return policy.default_decision(k.default)
-        facts = history.model_facts(m.name)
-        load_s = (facts.load_s if facts is not None and facts.load_s else None) or (
-            m.last_load_s or GUESS_LOAD_S
-        )
-        size = (facts.size or facts.size_vram if facts is not None else None) or m.size
-        return policy.decide_keep_alive(
-            history.idle_histogram(m.name),
-            load_s=load_s,
-            size_gb=size / 1e9 if size else GUESS_SIZE_GB,
-            priority=mc.priority if mc is not None else DEFAULT_PRIORITY,
-            beta=k.beta,
-            min_s=k.min,
-            max_s=k.max,
-            default_s=k.default,
-            prewarm=k.prewarm,
-            idle_s=idle_s,
-        )
-
-    return decide
-
-
 class Lifecycle:
-    """Owns per-model state; the proxy and admin API go through acquire/release/load/unload."""
+    """Owns per-model state; the proxy and admin API go through lease/load/unload."""
 
     def __init__(
         self,
         cfg: Config,
         backends: Backends,
+        memory: Memory,
         *,
-        session: aiohttp.ClientSession,
+        history: History,
         events: EventSink,
-        keep_alive: KeepAliveFn,
+        start_task: StartTask,
         clock: Callable[[], float] = time.monotonic,
+        keep_alive: KeepAliveFn | None = None,
+        on_loaded: Callable[[Model, float], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.backends = backends
+        self.memory = memory
         self.models: dict[str, Model] = {}
-        self._session = session
+        self._history = history
         self._events = events
-        self._keep_alive = keep_alive
+        self._start_task = start_task
         self._clock = clock
+        # The policy's decision, unless a test puts its own in at this seam.
+        self._decide: KeepAliveFn = keep_alive or (
+            lambda m, idle_s=0.0: modelinfo.keep_alive(self.cfg, self._history, m, idle_s)
+        )
+        self._on_loaded = on_loaded
         self._timers_changed = asyncio.Event()
+        # Set when a model goes idle or leaves: admissions waiting for room look again.
+        self._room_changed = asyncio.Event()
         self._generations: dict[str, int] = {}
-        self.memory: Memory | None = None
-        self.on_loaded: Callable[[Model, float], Awaitable[None]] | None = None
+        self._loads: set[asyncio.Task[None]] = set()
 
-    def set_keep_alive_fn(self, fn: KeepAliveFn) -> None:
-        """Swap the keep-alive decision (on reload) and re-arm idle timers with it."""
-        self._keep_alive = fn
+    def configure(self, cfg: Config) -> None:
+        """Take a reloaded config; idle timers keep their deadlines until `rearm`."""
+        self.cfg = cfg
+
+    def rearm(self) -> None:
+        """Re-decide every idle model's keep-alive (after a reload or a pin) and re-arm its
+        timer from when it went idle."""
         for m in self.models.values():
             if m.state is MState.LOADED and m.in_flight == 0 and m.idle_since is not None:
                 self._arm(m, m.idle_since)
@@ -195,25 +107,21 @@ class Lifecycle:
         """The keep-alive the model's idle timer uses (or would use, were it idle now)."""
         if m.keep_alive is not None and m.deadline is not None:
             return m.keep_alive
-        return self._keep_alive(m)
+        return self._decide(m)
 
-    def model(self, name: str, child: Child) -> Model:
-        """The state record of a model, created on first sight."""
+    # -- records ----------------------------------------------------------------------------------
+
+    def _record(self, name: str, child: Child) -> Model:
+        """The state record of a model, created on first sight; an unloaded model's record
+        follows it to the child now serving its name."""
         m = self.models.get(name)
         if m is None:
             m = self.models[name] = Model(name, child.name)
         elif m.backend != child.name and m.state is MState.UNLOADED:
             m.backend = child.name
         if m.state is MState.UNLOADED:
-            m.digest = self.digest_of(name, child.name) or m.digest
+            m.digest = self.backends.digest_of(name, child.name) or m.digest
         return m
-
-    def digest_of(self, name: str, backend: str) -> str | None:
-        """The digest a backend's /api/tags gives the name, if it was listed."""
-        for t in self.backends.tags(backend):
-            if t.get("name") == name and isinstance(t.get("digest"), str):
-                return str(t["digest"])
-        return None
 
     def runner_of(self, name: str, backend: str | None = None) -> Model | None:
         """The loaded (or loading, or unloading) model record that serves this name: its own,
@@ -226,7 +134,7 @@ class Lifecycle:
                 continue
             if backend is not None and m.backend != backend:
                 continue
-            if self.digest_of(name, m.backend) == m.digest:
+            if self.backends.digest_of(name, m.backend) == m.digest:
                 return m
         return None
 
@@ -237,13 +145,25 @@ class Lifecycle:
         if shared is not None and shared.name != name:
             log.debug("%s is served by the runner of %s (same digest)", name, shared.name)
             return shared
-        return self.model(name, child)
+        return self._record(name, child)
 
-    def _set_state(self, m: Model, state: MState) -> None:
-        m.state = state
+    def _set_state(
+        self, m: Model, new: MState, *, event: str | None = None, reason: str = ""
+    ) -> None:
+        """The one place a model's state changes: checked against the transition table,
+        stamped, waiters woken, the event (if any) recorded."""
+        guard(TRANSITIONS, f"model {m.name}", m.state, new)
+        log.debug("model %s: %s -> %s", m.name, m.state.value, new.value)
+        m.state = new
         m.changed_at = self._clock()
         m.changed.set()
         m.changed = asyncio.Event()
+        if new is MState.UNLOADED:
+            m.deadline = None
+            m.size_vram = 0
+            self._room_changed.set()
+        if event is not None:
+            self._events.record_event(event, model=m.name, backend=m.backend, reason=reason)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -257,6 +177,13 @@ class Lifecycle:
         would now pick another (pulled there since, or moved by a reload): otherwise a second
         copy would load behind llmd's back. Use the lease's child.
         """
+        async with self._hold(name, child, options, "request") as lease:
+            yield lease
+
+    @contextlib.asynccontextmanager
+    async def _hold(
+        self, name: str, child: Child, options: dict[str, Any] | None, reason: str
+    ) -> AsyncIterator[Lease]:
         m = self._for_request(name, child)
         if m.state is not MState.UNLOADED:
             current = self.backends.children.get(m.backend)
@@ -272,7 +199,7 @@ class Lifecycle:
         if task is not None:
             m.holders.add(task)
         try:
-            waited, load_s = await self._ensure_loaded(m, child, options)
+            waited, load_s = await self._ensure_loaded(m, child, options, reason)
             yield Lease(m, child, waited, load_s)
         finally:
             if task is not None:
@@ -286,8 +213,7 @@ class Lifecycle:
             m.idle_since = now
             if m.state is MState.LOADED:
                 self._arm(m, now)
-            if self.memory is not None:
-                self.memory.changed()
+            self._room_changed.set()  # an idle model may now be evicted
 
     def _arm(self, m: Model, idle_since: float) -> None:
         """Start (or re-start) an idle model's keep-alive timer."""
@@ -298,7 +224,7 @@ class Lifecycle:
         else:
             # Re-armed after a reload, the model may have been idle a while: the policy judges
             # the ongoing idle period by how long it has lasted.
-            ka = m.keep_alive = self._keep_alive(m, max(self._clock() - idle_since, 0.0))
+            ka = m.keep_alive = self._decide(m, max(self._clock() - idle_since, 0.0))
             m.deadline = None if ka.keep_alive_s is None else idle_since + ka.keep_alive_s
             m.prewarm_at = m.prewarm_expire_at = None
             if ka.prewarm_after_s is not None and ka.prewarm_expire_s is not None:
@@ -307,7 +233,7 @@ class Lifecycle:
         self._timers_changed.set()
 
     async def _ensure_loaded(
-        self, m: Model, child: Child, options: dict[str, Any] | None
+        self, m: Model, child: Child, options: dict[str, Any] | None, reason: str
     ) -> tuple[bool, float | None]:
         waited = False
         while True:
@@ -320,29 +246,47 @@ class Lifecycle:
                 # Shielded: one waiter going away must not cancel everyone's load.
                 await asyncio.shield(m.load_task)
             else:
-                self._start_load(m, child, options, reason="request")
+                self._start_load(m, child, options, reason)
 
     def _start_load(
         self, m: Model, child: Child, options: dict[str, Any] | None, reason: str
-    ) -> asyncio.Task[float]:
-        self._set_state(m, MState.LOADING)  # UNLOADED -> LOADING
+    ) -> asyncio.Future[float]:
+        self._set_state(m, MState.LOADING)
         m.backend = child.name
         m.unload_when_idle = False
         runner = {k: v for k, v in (options or {}).items() if k in RUNNER_OPTIONS}
-        # Owned by the model record and awaited by every waiter, so never fire-and-forget.
-        task = asyncio.get_running_loop().create_task(
-            self._load(m, child, runner, reason), name=f"load-{m.name}"
-        )
-        m.load_task = task
-        task.add_done_callback(_consume)  # a load nobody waits for any more still gets logged
-        return task
+        done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        m.load_task = done
+        task = self._start_task(self._run_load(done, m, child, runner, reason), f"load-{m.name}")
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        return done
+
+    async def _run_load(
+        self,
+        done: asyncio.Future[float],
+        m: Model,
+        child: Child,
+        runner: dict[str, Any],
+        reason: str,
+    ) -> None:
+        """One shared load, a task of the daemon's TaskGroup: its outcome goes to the waiters
+        through `done` and never up into the TaskGroup."""
+        try:
+            done.set_result(await self._load(m, child, runner, reason))
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except Exception as e:
+            done.set_exception(e)
+            done.exception()  # retrieved: a load nobody waits for any more is logged here
+            log.info("load of %s failed: %s", m.name, e)
 
     async def _load(self, m: Model, child: Child, runner: dict[str, Any], reason: str) -> float:
         try:
             return await self._admit_and_load(m, child, runner, reason)
         finally:
-            if self.memory is not None:
-                self.memory.release(m.name)  # loaded (the probe sees it) or failed
+            self.memory.release(m.name)  # loaded (the probe sees it) or failed
 
     async def _admit_and_load(
         self, m: Model, child: Child, runner: dict[str, Any], reason: str
@@ -353,7 +297,7 @@ class Lifecycle:
                 await self._admit(m, child, runner)  # the retry knows the measured size
                 t0 = time.monotonic()
                 await self._post_load(m, child, runner)
-                if not await self._spilled(m, child, reason):
+                if not await self._undo_spill(m, child):
                     break
                 if attempt == 2:
                     raise LoadError(
@@ -363,60 +307,60 @@ class Lifecycle:
                         int(self.cfg.gpu.admission_timeout),
                     )
         except BaseException as e:
-            self._set_state(m, MState.UNLOADED)  # LOADING -> UNLOADED
-            if isinstance(e, LoadError):
-                self._events.record_event(
-                    "load-failed", model=m.name, backend=child.name, reason=e.message
-                )
-            if isinstance(e, aiohttp.ClientError | TimeoutError):
+            if isinstance(e, ChildAPIError) and e.status is not None:
+                e = LoadError(e.status, e.message)  # the child refused: Ollama's own words
+            # A refusal is a load-failed event; a child that died mid-load says so itself.
+            failed = e.message if isinstance(e, LoadError) else None
+            self._set_state(
+                m, MState.UNLOADED, event="load-failed" if failed else None, reason=failed or ""
+            )
+            if isinstance(e, ChildAPIError):
                 why = f"backend {child.name} failed while loading {m.name}: {e}"
                 raise LoadError(503, why) from e
-            raise
+            raise e from None
         load_s = time.monotonic() - t0
         m.last_load_s = load_s
         m.loads += 1
-        self._set_state(m, MState.LOADED)  # LOADING -> LOADED
-        self._events.record_event(
-            "load", model=m.name, backend=child.name, reason=f"{reason}; took {load_s:.2f}s"
-        )
+        self._set_state(m, MState.LOADED, event="load", reason=f"{reason}; took {load_s:.2f}s")
         log.info("loaded %s on %s in %.2fs (%s)", m.name, child.name, load_s, reason)
-        if self.on_loaded is not None:
-            await self.on_loaded(m, load_s)
+        if self._on_loaded is not None:
+            await self._on_loaded(m, load_s)
         if m.in_flight == 0:
             self._arm(m, self._clock())
         return load_s
 
     async def _admit(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
-        """Make room on the backend's GPUs first, so that Ollama never evicts or spills."""
-        if self.memory is None:
-            return
-        from llmd.memory import NoRoom
-
-        try:
-            # A pre-warm only uses free memory: it never evicts or waits.
-            await self.memory.admit(m, child, runner, may_evict=not m.prewarmed)
-        except NoRoom as e:
-            raise LoadError(503, e.message, e.retry_after_s) from None
+        """Make room on the backend's GPUs first, so that Ollama never evicts or spills:
+        ask memory, evict whom it names, wait when it says wait."""
+        # A pre-warm only uses free memory: it never evicts or waits.
+        load = await self.memory.cold_load(m, child, runner, may_evict=not m.prewarmed)
+        if load is None:
+            return  # admission is off
+        started = self._clock()
+        while True:
+            try:
+                a = self.memory.admit(load, self.models.values(), waited_s=self._clock() - started)
+            except NoRoom as e:
+                raise LoadError(503, e.message, e.retry_after_s) from None
+            if a.admitted:
+                return
+            if a.victims:
+                await self._evict_all(a.victims, a.why, preempt=a.preempt)
+                await self.memory.await_recovery(load)
+                continue
+            self._room_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room_changed.wait(), a.wait_s)
+            await self.memory.look_again(load)
 
     async def _post_load(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
         """Ask the child to load the model and wait until it has."""
-        body: dict[str, Any] = {"model": m.name, "keep_alive": -1}
-        if runner:
-            body["options"] = runner
-        if m.embedding:
-            status, data = await self._post(child, "/api/embed", {**body, "input": []})
-        else:
-            status, data = await self._post(child, "/api/generate", body)
-            if status == 400 and "does not support generate" in str(data.get("error", "")):
-                m.embedding = True  # Ollama loads an embedding model with an empty embed
-                status, data = await self._post(child, "/api/embed", {**body, "input": []})
-        if status != 200:
-            raise LoadError(status, str(data.get("error") or f"load failed with {status}"))
+        m.embedding = await child.api.load(m.name, runner, embedding=m.embedding)
         await self._refresh_sizes(child, m)
 
-    async def _spilled(self, m: Model, child: Child, reason: str) -> bool:
-        """A partial load (layers on the CPU) is undone unless the model allows it."""
-        if not m.size or m.size_vram >= m.size or self.memory is None:
+    async def _undo_spill(self, m: Model, child: Child) -> bool:
+        """Unload a partial load (layers on the CPU) unless the model allows it; whether it did."""
+        if not m.size or m.size_vram >= m.size:
             return False
         mc = self.cfg.model(m.name)
         if mc is not None and mc.allow_cpu_spill:
@@ -433,40 +377,27 @@ class Lifecycle:
         )
         log.warning("%s %s", m.name, why)
         self._events.record_event("spill", model=m.name, backend=child.name, reason=why)
-        await self._post(child, "/api/generate", {"model": m.name, "keep_alive": 0})
+        await child.api.unload(m.name)
         await self._wait_gone(child, m)
         m.size_vram = 0
         return True
 
-    async def _post(
-        self, child: Child, path: str, body: dict[str, Any], timeout: float = LOAD_TIMEOUT_S
-    ) -> tuple[int, Any]:
-        async with self._session.post(
-            child.url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as r:
-            try:
-                data = await r.json(content_type=None)
-            except ValueError:
-                data = {"error": (await r.text())[:200]}
-            return r.status, data if isinstance(data, dict) else {}
-
     async def _refresh_sizes(self, child: Child, m: Model) -> None:
         try:
-            ps = await self.backends.fetch_json(child, "/api/ps")
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+            runners = await child.api.ps()
+        except ChildAPIError:
             return
-        for entry in ps.get("models") or []:
-            if _is_runner_of(entry, m):
-                m.size = int(entry.get("size") or 0)
-                m.size_vram = int(entry.get("size_vram") or 0)
-                if isinstance(entry.get("digest"), str):
-                    m.digest = entry["digest"]
+        for r in runners:
+            if _is_runner_of(r, m):
+                m.size = r.size
+                m.size_vram = r.size_vram
+                m.digest = r.digest or m.digest
 
     # -- operator and client requests -------------------------------------------------------------
 
     async def load(self, name: str, child: Child, reason: str) -> Model:
         """Load a model now (shared with any load already under way); it then idles as usual."""
-        async with self.lease(name, child) as lease:
+        async with self._hold(name, child, None, reason) as lease:
             pass
         return lease.model
 
@@ -479,6 +410,9 @@ class Lifecycle:
         if m.in_flight > 0 or m.state is MState.LOADING:
             m.unload_when_idle = True
             return "will unload when its in-flight requests finish"
+        if m.state is MState.UNLOADING:  # already on its way out
+            await m.changed.wait()
+            return "unloaded"
         await self._unload(m, reason)
         return "unloaded"
 
@@ -488,25 +422,32 @@ class Lifecycle:
             task.cancel()
         await self._unload(m, reason, kind="evict")
 
+    async def _evict_all(self, names: tuple[str, ...], why: str, *, preempt: bool) -> None:
+        """Evict the models memory chose; one that became busy meanwhile is kept unless
+        preempting (the caller then looks again)."""
+        for name in names:
+            m = self.models.get(name)
+            if m is None or m.state is not MState.LOADED:
+                continue
+            if m.in_flight == 0:
+                await self.evict(m, why)
+            elif preempt:
+                await self.evict(m, why + "; preempted while busy")
+
     async def _unload(self, m: Model, reason: str, kind: str = "unload") -> None:
         child = self.backends.children.get(m.backend)
-        self._set_state(m, MState.UNLOADING)  # LOADED -> UNLOADING
+        self._set_state(m, MState.UNLOADING)
         m.deadline = None
         try:
             if child is not None and child.running:
-                await self._post(
-                    child, "/api/generate", {"model": m.name, "keep_alive": 0}, UNLOAD_TIMEOUT_S
-                )
+                await child.api.unload(m.name)
                 await self._wait_gone(child, m)
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except ChildAPIError as e:
             log.warning("unloading %s on %s failed: %s", m.name, m.backend, e)
         finally:
             m.unload_when_idle = False
-            m.size_vram = 0
-            self._set_state(m, MState.UNLOADED)  # UNLOADING -> UNLOADED
-            if self.memory is not None:
-                self.memory.changed()
-        self._events.record_event(kind, model=m.name, backend=m.backend, reason=reason)
+            if m.state is MState.UNLOADING:  # else the child died meanwhile and said so
+                self._set_state(m, MState.UNLOADED, event=kind, reason=reason)
         log.info(
             "%s %s on %s: %s",
             "evicted" if kind == "evict" else "unloaded",
@@ -520,8 +461,7 @@ class Lifecycle:
         deadline = time.monotonic() + UNLOAD_CONFIRM_S
         delay = 0.02
         while time.monotonic() < deadline:
-            ps = await self.backends.fetch_json(child, "/api/ps")
-            if not any(_is_runner_of(e, m) for e in (ps or {}).get("models") or []):
+            if not any(_is_runner_of(r, m) for r in await child.api.ps()):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -532,48 +472,54 @@ class Lifecycle:
     # -- background loops -------------------------------------------------------------------------
 
     async def run_timers(self) -> None:
-        """Unload idle models whose keep-alive has expired."""
+        """Unload idle models whose keep-alive has expired; pre-warm those predicted to be
+        needed soon."""
         while True:
-            now = self._clock()
-            due = [
-                m
-                for m in self.models.values()
-                if m.deadline is not None
-                and m.deadline <= now
-                and m.in_flight == 0
-                and m.state is MState.LOADED
-            ]
-            for m in self.models.values():
-                if (
-                    m.prewarm_at is not None
-                    and m.prewarm_at <= now
-                    and m.in_flight == 0
-                    and m.state is MState.UNLOADED
-                ):
-                    self._prewarm(m)
-            for m in due:
-                if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
-                    ka = m.keep_alive
-                    why = (
-                        "unload requested"
-                        if m.unload_when_idle
-                        else (
-                            f"idle past its keep-alive of {_fmt_s(ka.keep_alive_s)} ({ka.source})"
-                            if ka is not None and ka.keep_alive_s is not None
-                            else "idle"
-                        )
-                    )
-                    try:
-                        await self._unload(m, why)
-                    except Exception:  # one bad answer from a child must not stop the timers
-                        log.exception("unloading %s failed", m.name)
-            deadlines = [
-                t for m in self.models.values() for t in (m.deadline, m.prewarm_at) if t is not None
-            ]
-            wait = None if not deadlines else max(0.0, min(deadlines) - self._clock())
+            due = await self.tick()
+            wait = None if due is None else max(0.0, due - self._clock())
             self._timers_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), wait)
+
+    async def tick(self) -> float | None:
+        """Act on every timer due by the clock now; return when the next one is due."""
+        now = self._clock()
+        due = [
+            m
+            for m in self.models.values()
+            if m.deadline is not None
+            and m.deadline <= now
+            and m.in_flight == 0
+            and m.state is MState.LOADED
+        ]
+        for m in self.models.values():
+            if (
+                m.prewarm_at is not None
+                and m.prewarm_at <= now
+                and m.in_flight == 0
+                and m.state is MState.UNLOADED
+            ):
+                self._prewarm(m)
+        for m in due:
+            if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
+                ka = m.keep_alive
+                why = (
+                    "unload requested"
+                    if m.unload_when_idle
+                    else (
+                        f"idle past its keep-alive of {_fmt_s(ka.keep_alive_s)} ({ka.source})"
+                        if ka is not None and ka.keep_alive_s is not None
+                        else "idle"
+                    )
+                )
+                try:
+                    await self._unload(m, why)
+                except Exception:  # one bad answer from a child must not stop the timers
+                    log.exception("unloading %s failed", m.name)
+        deadlines = [
+            t for m in self.models.values() for t in (m.deadline, m.prewarm_at) if t is not None
+        ]
+        return min(deadlines) if deadlines else None
 
     def _prewarm(self, m: Model) -> None:
         """Reload a model just before its predicted next request, into free memory only."""
@@ -583,6 +529,31 @@ class Lifecycle:
             return
         m.prewarmed = True
         self._start_load(m, child, None, reason="pre-warm for its predicted next request")
+
+    async def run_pressure(self) -> None:
+        """Every [gpu] interval: above the high watermark, evict idle models to the low one."""
+        while True:
+            try:
+                await self.relieve()
+            except ChildAPIError as e:
+                log.warning("pressure check failed: %s", e)
+            except Exception:  # never let one bad reading stop the pressure loop
+                log.exception("pressure check failed")
+            await asyncio.sleep(self.cfg.gpu.interval)
+
+    async def relieve(self) -> list[str]:
+        """One pressure check; returns the models it evicted."""
+        evicted: list[str] = []
+        for d in await self.memory.over_watermark():
+            relief = self.memory.relief(d, self.models.values())
+            if relief is not None:
+                await self._evict_all(relief.victims, relief.why, preempt=False)
+                evicted += relief.victims
+        return evicted
+
+    async def pinned_fit_error(self, cfg: Config, extra: str | None = None) -> str | None:
+        """Why the pinned models of `cfg` (plus `extra`) cannot all stay in GPU memory."""
+        return await self.memory.pinned_fit_error(cfg, self.models, extra)
 
     async def run_reconcile(self) -> None:
         """Keep model state true to each child's /api/ps, after restarts or outside unloads."""
@@ -605,13 +576,12 @@ class Lifecycle:
                 continue
             started = self._clock()
             try:
-                ps = await self.backends.fetch_json(child, "/api/ps")
-            except (aiohttp.ClientError, TimeoutError, ValueError):
+                runners = await child.api.ps()
+            except ChildAPIError:
                 continue
-            listed = {e.get("name"): e for e in ps.get("models") or [] if e.get("name")}
-            for name, entry in listed.items():
+            listed = {r.name: r for r in runners if r.name}
+            for name, r in listed.items():
                 # A runner llmd knows under another name of the same digest is that record.
-                digest = entry.get("digest")
                 m = next(
                     (
                         k
@@ -619,20 +589,18 @@ class Lifecycle:
                         if k.backend == child.name
                         and k.state is not MState.UNLOADED
                         and k.digest is not None
-                        and k.digest == digest
+                        and k.digest == r.digest
                     ),
                     None,
-                ) or self.model(name, child)
+                ) or self._record(name, child)
                 if m.changed_at > started or m.backend != child.name:
                     continue
-                m.size = int(entry.get("size") or 0)
-                m.size_vram = int(entry.get("size_vram") or 0)
-                if isinstance(digest, str):
-                    m.digest = digest
+                m.size = r.size
+                m.size_vram = r.size_vram
+                m.digest = r.digest or m.digest
                 if m.state is MState.UNLOADED:
-                    self._set_state(m, MState.LOADED)  # UNLOADED -> LOADED (loaded outside llmd)
-                    self._events.record_event(
-                        "load", model=name, backend=child.name, reason="found loaded in backend"
+                    self._set_state(
+                        m, MState.LOADED, event="load", reason="found loaded in backend"
                     )
                     if m.in_flight == 0:
                         self._arm(m, self._clock())
@@ -640,16 +608,13 @@ class Lifecycle:
                 if (
                     m.backend == child.name
                     and m.state is MState.LOADED
-                    and not any(_is_runner_of(e, m) for e in listed.values())
+                    and not any(_is_runner_of(r, m) for r in listed.values())
                     and m.changed_at <= started
                 ):
-                    self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (outside llmd)
-                    m.deadline = None
-                    m.size_vram = 0
-                    self._events.record_event(
-                        "unload",
-                        model=m.name,
-                        backend=child.name,
+                    self._set_state(
+                        m,
+                        MState.UNLOADED,
+                        event="unload",
                         reason="no longer loaded in the backend (unloaded outside llmd)",
                     )
 
@@ -657,11 +622,13 @@ class Lifecycle:
         """A child died or restarted: whatever it had loaded is gone."""
         for m in self.models.values():
             if m.backend == child.name and m.state in (MState.LOADED, MState.UNLOADING):
-                self._set_state(m, MState.UNLOADED)  # LOADED -> UNLOADED (child gone)
-                m.deadline = None
-                m.size_vram = 0
+                self._set_state(m, MState.UNLOADED)
         # Handled: reconcile records the new child's generation without resetting it again.
         self._generations.pop(child.name, None)
+
+    def in_flight_on(self, backend: str) -> int:
+        """Requests in flight on a backend, counted per model."""
+        return sum(m.in_flight for m in self.models.values() if m.backend == backend)
 
     async def preload(self) -> None:
         """Load `preload = true` models at startup, most important first."""
@@ -681,24 +648,18 @@ class Lifecycle:
 
     async def close(self) -> None:
         """Cancel loads still under way."""
-        for m in list(self.models.values()):
-            if m.load_task is not None and not m.load_task.done():
-                m.load_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await m.load_task
+        for task in list(self._loads):
+            task.cancel()
+        for task in list(self._loads):
+            with contextlib.suppress(BaseException):
+                await task
 
 
-def _is_runner_of(entry: dict[str, Any], m: Model) -> bool:
+def _is_runner_of(r: Runner, m: Model) -> bool:
     """Whether an /api/ps entry is the model's runner: its name, or the same digest."""
-    if entry.get("name") == m.name:
+    if r.name == m.name:
         return True
-    return m.digest is not None and entry.get("digest") == m.digest
-
-
-def _consume(task: asyncio.Task[Any]) -> None:
-    """Retrieve a background load's outcome, so a failure is logged, not 'never retrieved'."""
-    if not task.cancelled() and task.exception() is not None:
-        log.info("background load failed: %s", task.exception())
+    return m.digest is not None and r.digest == m.digest
 
 
 def _fmt_s(s: float) -> str:

@@ -1,4 +1,8 @@
-"""GPU memory: model footprints, admission of cold loads, eviction under pressure."""
+"""GPU memory: model footprints, and the decisions of admission and pressure relief.
+
+Memory decides and the lifecycle acts: admission answers "admitted", "evict these first" or
+"wait and ask again" (or raises NoRoom), and pressure relief names the models to evict; the
+lifecycle does the evicting. Memory never changes a model's state."""
 
 from __future__ import annotations
 
@@ -6,20 +10,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import aiohttp
+from typing import Any
 
 from llmd import gpu, planner, policy
+from llmd.backends import Backends
 from llmd.config import Config
-from llmd.lifecycle import DEFAULT_PRIORITY, Model, MState
+from llmd.models import History, Model, MState, NoRoom, policy_inputs
 from llmd.process import Child
-
-if TYPE_CHECKING:
-    from llmd.lifecycle import Lifecycle
-    from llmd.store import Store
 
 log = logging.getLogger("llmd.memory")
 
@@ -35,15 +34,6 @@ CONTEXT_TIERS = ((23 * GiB, 4096), (47 * GiB, 32768))
 BIG_CONTEXT = 262144
 
 
-class NoRoom(Exception):
-    """A cold model cannot be given GPU memory; the message names who holds it."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
 @dataclass(frozen=True)
 class Footprint:
     """Predicted GPU bytes of a model and where the number comes from."""
@@ -56,6 +46,43 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Memory's answer to one look at a cold load.
+
+    admitted: go ahead (its memory is reserved until `release`). Otherwise, with victims:
+    evict them (then look again); without: wait up to wait_s for a model to go idle or
+    leave, or for other programs to free memory, then look again."""
+
+    admitted: bool
+    victims: tuple[str, ...] = ()
+    why: str = ""  # the eviction's reason, for the log and the events
+    preempt: bool = False  # evict busy victims too
+    wait_s: float = 0.0
+
+
+@dataclass
+class ColdLoad:
+    """A cold load asking for room: what it needs and where; `devices` as last read."""
+
+    model: Model
+    child: Child
+    footprint: Footprint
+    devices: list[gpu.Device]
+    priority: int
+    preempt: bool
+    spill_ok: bool
+    may_evict: bool
+
+
+@dataclass(frozen=True)
+class Relief:
+    """Models to evict to bring one GPU back under the high watermark."""
+
+    victims: tuple[str, ...]
+    why: str
+
+
 class Memory:
     """Decides whether a cold model fits, and who leaves when it does not."""
 
@@ -64,31 +91,24 @@ class Memory:
         cfg: Config,
         probe: gpu.Probe,
         *,
-        store: Store,
-        session: aiohttp.ClientSession,
+        backends: Backends,
+        history: History,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.probe = probe
-        self.store = store
         self.snapshot: gpu.GpuSnapshot | None = None
-        self._session = session
+        self._backends = backends
+        self._history = history
         self._clock = clock
         self._estimates: dict[str, Footprint] = {}
         # Loads admitted but not yet seen by the probe: name -> (bytes, GPU indexes). Without
         # this, two cold models requested at once would both be admitted into the same memory.
         self._reserved: dict[str, tuple[int, frozenset[int]]] = {}
-        self._changed = asyncio.Event()
-        self.lifecycle: Lifecycle
 
-    @property
-    def enabled(self) -> bool:
-        """Admission works only with a probe that sees devices."""
-        return self.snapshot is not None and bool(self.snapshot.devices)
-
-    def changed(self) -> None:
-        """A model was released or unloaded: waiting admissions look again."""
-        self._changed.set()
+    def configure(self, cfg: Config) -> None:
+        """Take a reloaded config (watermarks, reserve, models' priorities and pins)."""
+        self.cfg = cfg
 
     async def read(self) -> gpu.GpuSnapshot:
         """A fresh probe reading (also kept for status)."""
@@ -121,16 +141,14 @@ class Memory:
         # Ollama's /api/ps `size` is the whole model, whatever part of it sat on the GPU.
         if m is not None and m.size:
             return Footprint(m.size, "measured")
-        facts = self.store.model_facts(name)
+        facts = self._history.model_facts(name)
         if facts is not None and (facts.size or facts.size_vram):
             return Footprint(facts.size or facts.size_vram or 0, "measured")
         if name in self._estimates:
             return self._estimates[name]
-        tags = self.lifecycle.backends.tags(backend or "")
-        details = next((t.get("details") or {} for t in tags if t.get("name") == name), {})
-        size, quant = details.get("parameter_size"), details.get("quantization_level")
-        if isinstance(size, str) and isinstance(quant, str):
-            table = planner.table_footprint(size, quant)
+        pulled = self._backends.pulled(backend or "", name)
+        if pulled is not None and pulled.parameter_size and pulled.quantization_level:
+            table = planner.table_footprint(pulled.parameter_size, pulled.quantization_level)
             if table is not None:
                 return Footprint(table, "table")
         return None
@@ -150,34 +168,15 @@ class Memory:
     async def _estimate(
         self, name: str, child: Child, devices: list[gpu.Device], options: dict[str, Any]
     ) -> Footprint:
-        file_size = next(
-            (
-                int(t.get("size") or 0)
-                for t in self.lifecycle.backends.tags(child.name)
-                if t.get("name") == name
-            ),
-            None,
-        )
-        try:
-            async with self._session.post(
-                child.url + "/api/show",
-                json={"model": name},
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as r:
-                show = await r.json(content_type=None) if r.status == 200 else {}
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            show = {}
+        pulled = self._backends.pulled(child.name, name)
+        file_size = pulled.size if pulled is not None else None
+        show = await child.api.show(name)
         try:
             parallel = max(1, int(child.cfg.env.get("OLLAMA_NUM_PARALLEL", "1") or 1))
         except ValueError:
             parallel = 1  # Ollama falls back to its default on a bad value too
         ctx = self.num_ctx(child, devices, options)
-        est = gpu.estimate_footprint(
-            show if isinstance(show, dict) else {},
-            num_ctx=ctx,
-            num_parallel=parallel,
-            file_size=file_size,
-        )
+        est = gpu.estimate_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
         if est is not None:
             return Footprint(est, "estimated")
         table = self.known_footprint(name, None, child.name)
@@ -188,7 +187,11 @@ class Memory:
     # -- admission --------------------------------------------------------------------------------
 
     def _room(
-        self, devices: Iterable[gpu.Device], child: Child | None = None, exclude: str = ""
+        self,
+        devices: Iterable[gpu.Device],
+        child: Child | None = None,
+        models: Iterable[Model] = (),
+        exclude: str = "",
     ) -> int:
         """Bytes a new model may take on these GPUs: up to the high watermark, less the reserve
         and less what loads admitted but not yet visible to the probe will take.
@@ -211,10 +214,7 @@ class Memory:
             - reserved
         )
         if child is not None and any(
-            m.backend == child.name
-            and m.name != exclude
-            and m.state in (MState.LOADED, MState.LOADING)
-            for m in self.lifecycle.models.values()
+            m.backend == child.name and m.name != exclude and m.resident for m in models
         ):
             free = sum(d.free_bytes for d in devices) - reserved
             room = min(room, int(OLLAMA_PREFLIGHT * free))
@@ -224,124 +224,108 @@ class Memory:
         """A load admitted earlier has finished or failed: the probe now sees what it took."""
         self._reserved.pop(name, None)
 
-    def _candidates(self, devices: list[gpu.Device], exclude: str) -> list[policy.Candidate]:
+    def _candidates(
+        self, devices: list[gpu.Device], models: Iterable[Model], exclude: str
+    ) -> list[policy.Candidate]:
         """Loaded models that share any of these GPUs."""
         indexes = {d.index for d in devices}
-        pins = self.store.pins()
         now = self._clock()
         out = []
-        for m in self.lifecycle.models.values():
+        for m in models:
             if m.name == exclude or m.state is not MState.LOADED:
                 continue
-            child = self.lifecycle.backends.children.get(m.backend)
+            child = self._backends.children.get(m.backend)
             if child is None:
                 continue
             if child.cfg.gpus is not None and not indexes & set(child.cfg.gpus):
                 continue
-            mc = self.cfg.model(m.name)
-            hist = self.store.idle_histogram(m.name)
-            facts = self.store.model_facts(m.name)
-            load_s = (facts.load_s if facts and facts.load_s else m.last_load_s) or 10.0
-            priority = mc.priority if mc else DEFAULT_PRIORITY
-            size_gb = max((m.size_vram or m.size) / 1e9, 0.01)
             out.append(
-                policy.Candidate(
-                    name=m.name,
-                    priority=priority,
-                    pinned=bool((mc and mc.pin) or m.name in pins),
+                policy.candidate(
+                    m.name,
+                    policy_inputs(self.cfg, self._history, m.name, m),
                     in_flight=m.in_flight,
                     size_bytes=m.size_vram or m.size,
                     idle_s=0.0 if m.idle_since is None else now - m.idle_since,
-                    hist=hist,
-                    break_even_s=policy.break_even_s(
-                        load_s, size_gb, priority, self.cfg.keep_alive.beta
-                    ),
-                    load_s=load_s,
+                    hist=self._history.idle_histogram(m.name),
+                    beta=self.cfg.keep_alive.beta,
                 )
             )
         return out
 
-    async def admit(
+    async def cold_load(
         self, m: Model, child: Child, options: dict[str, Any], *, may_evict: bool = True
-    ) -> Footprint | None:
-        """Make room for a cold model on its backend's GPUs, or raise NoRoom after waiting."""
+    ) -> ColdLoad | None:
+        """A cold load's request for room, or None when admission is off (no probe, or it
+        sees no GPU of this backend). A pre-warm passes may_evict=False: free memory only."""
         snap = await self.read()
         devices = self.devices_of(child, snap)
         if not devices:
-            return None  # no probe, or it sees no GPU: admission is off
+            return None
         mc = self.cfg.model(m.name)
-        fp = await self.footprint(m, child, devices, options)
-        spill_ok = mc is not None and mc.allow_cpu_spill
-        priority = mc.priority if mc else DEFAULT_PRIORITY
-        preempt = bool(mc and mc.preempt)
-        started = self._clock()
-        deadline = started + self.cfg.gpu.admission_timeout
-        while True:
-            room = self._room(devices, child, exclude=m.name)
-            if fp.bytes <= room:
-                self._reserved[m.name] = (fp.bytes, frozenset(d.index for d in devices))
-                return fp
-            if not may_evict:
-                raise NoRoom(f"{m.name} does not fit in free GPU memory", 1)
-            cands = self._candidates(devices, m.name)
-            victims = policy.choose_victims(
-                cands, fp.bytes - room, requester_priority=priority, preempt=preempt
+        inputs = policy_inputs(self.cfg, self._history, m.name, m)
+        return ColdLoad(
+            model=m,
+            child=child,
+            footprint=await self.footprint(m, child, devices, options),
+            devices=devices,
+            priority=inputs.priority,
+            preempt=bool(mc and mc.preempt),
+            spill_ok=bool(mc and mc.allow_cpu_spill),
+            may_evict=may_evict,
+        )
+
+    def admit(self, load: ColdLoad, models: Collection[Model], *, waited_s: float) -> Admission:
+        """One look at a cold load against the GPUs as last read; raises NoRoom once it has
+        waited gpu.admission_timeout (or at once, for a load that may not evict)."""
+        name, fp, devices = load.model.name, load.footprint, load.devices
+        room = self._room(devices, load.child, models, exclude=name)
+        if fp.bytes <= room:
+            self._reserved[name] = (fp.bytes, frozenset(d.index for d in devices))
+            return Admission(admitted=True)
+        if not load.may_evict:
+            raise NoRoom(f"{name} does not fit in free GPU memory", 1)
+        need = fp.bytes - room
+        cands = self._candidates(devices, models, name)
+        victims = policy.choose_victims(
+            cands, need, requester_priority=load.priority, preempt=load.preempt
+        )
+        if victims is None and load.spill_ok:
+            return Admission(admitted=True)  # allowed to run partly on the CPU: no waiting
+        if victims is None:
+            # Only more important idle models could make room. Waiting costs this request;
+            # evicting costs their likely next request: wait until the two are equal
+            # (ski rental), then evict them, unless admission_timeout comes first.
+            wait = policy.admission_wait_s(cands, need, requester_priority=load.priority)
+            if wait is not None and waited_s >= wait:
+                victims = policy.choose_victims(cands, need)
+        if victims:
+            why = (
+                f"to make room for {name} (needs {_gib(fp.bytes)}, {fp.basis}; "
+                f"{_gib(room)} free on {_where(devices)})"
             )
-            if victims is None and spill_ok:
-                return fp  # allowed to run partly on the CPU: no waiting for room
-            if victims is None:
-                # Only more important idle models could make room. Waiting costs this request;
-                # evicting costs their likely next request: wait until the two are equal
-                # (ski rental), then evict them, unless admission_timeout comes first.
-                wait = policy.admission_wait_s(cands, fp.bytes - room, requester_priority=priority)
-                if wait is not None and self._clock() - started >= wait:
-                    victims = policy.choose_victims(cands, fp.bytes - room)
-            if victims:
-                why = (
-                    f"to make room for {m.name} (needs {_gib(fp.bytes)}, {fp.basis}; "
-                    f"{_gib(room)} free on {self._where(devices)})"
-                )
-                await self._evict(victims, why, preempt=preempt)
-                snap = await self._await_recovery(devices, fp.bytes)
-                devices = self.devices_of(child, snap)
-                continue
-            left = deadline - self._clock()
-            if left <= 0:
-                raise NoRoom(
-                    self._no_room(m.name, fp, room, devices, cands),
-                    max(1, int(self.cfg.gpu.admission_timeout)),
-                )
-            # Wait for a model to go idle or leave, or for other programs to free memory.
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(RECHECK_S, left))
-            snap = await self.read()
-            devices = self.devices_of(child, snap)
+            return Admission(False, tuple(victims), why, load.preempt)
+        left = self.cfg.gpu.admission_timeout - waited_s
+        if left <= 0:
+            raise NoRoom(
+                self._no_room(name, fp, room, devices, cands),
+                max(1, int(self.cfg.gpu.admission_timeout)),
+            )
+        return Admission(False, wait_s=min(RECHECK_S, left))
 
-    def _where(self, devices: list[gpu.Device]) -> str:
-        return ", ".join(f"GPU {d.index}" for d in devices)
+    async def look_again(self, load: ColdLoad) -> None:
+        """Re-read the GPUs for a waiting cold load."""
+        load.devices = self.devices_of(load.child, await self.read())
 
-    async def _evict(self, names: list[str], why: str, *, preempt: bool = False) -> None:
-        """Evict the chosen models; one that became busy meanwhile is kept unless preempting
-        (the caller then looks again)."""
-        for name in names:
-            m = self.lifecycle.models.get(name)
-            if m is None or m.state is not MState.LOADED:
-                continue
-            if m.in_flight == 0:
-                await self.lifecycle.evict(m, why)
-            elif preempt:
-                await self.lifecycle.evict(m, why + "; preempted while busy")
-
-    async def _await_recovery(self, devices: list[gpu.Device], need: int) -> gpu.GpuSnapshot:
-        """After an unload the driver frees memory a little later: poll until it shows."""
+    async def await_recovery(self, load: ColdLoad) -> None:
+        """After an eviction the driver frees memory a little later: poll until it shows."""
         deadline = self._clock() + RECOVERY_WAIT_S
-        indexes = {d.index for d in devices}
+        indexes = {d.index for d in load.devices}
         while True:
             snap = await self.read()
             mine = [d for d in snap.devices if d.index in indexes]
-            if self._room(mine) >= need or self._clock() >= deadline:
-                return snap
+            if self._room(mine) >= load.footprint.bytes or self._clock() >= deadline:
+                load.devices = self.devices_of(load.child, snap)
+                return
             await asyncio.sleep(0.1)
 
     def _no_room(
@@ -368,68 +352,59 @@ class Memory:
         held = "; held by " + ", ".join(holders) if holders else ""
         return (
             f"not enough GPU memory for {name}: it needs {_gib(fp.bytes)} ({fp.basis}) and "
-            f"{_gib(room)} is free on {self._where(devices)} under gpu.high_watermark "
+            f"{_gib(room)} is free on {_where(devices)} under gpu.high_watermark "
             f"{self.cfg.gpu.high_watermark:g} and gpu.reserve{held}; waited "
             f"{self.cfg.gpu.admission_timeout:g}s"
         )
 
     # -- pressure ---------------------------------------------------------------------------------
 
-    async def run_pressure(self) -> None:
-        """Every [gpu] interval: above the high watermark, evict idle models to the low one."""
-        while True:
-            try:
-                await self.relieve()
-            except (aiohttp.ClientError, TimeoutError) as e:
-                log.warning("pressure check failed: %s", e)
-            except Exception:  # never let one bad reading stop the pressure loop
-                log.exception("pressure check failed")
-            await asyncio.sleep(self.cfg.gpu.interval)
-
-    async def relieve(self) -> list[str]:
-        """One pressure check; returns the models it evicted."""
+    async def over_watermark(self) -> list[gpu.Device]:
+        """A fresh reading's GPUs above gpu.high_watermark."""
         snap = await self.read()
-        g = self.cfg.gpu
-        evicted: list[str] = []
-        for d in snap.devices:
-            if d.total_bytes <= 0 or d.used_bytes <= g.high_watermark * d.total_bytes:
-                continue
-            need = d.used_bytes - int(g.low_watermark * d.total_bytes)
-            cands = [c for c in self._candidates([d], exclude="") if c.in_flight == 0]
-            names = policy.choose_victims(cands, need)
-            if names is None:
-                # Free what can be freed even if it is not enough.
-                names = (
-                    policy.choose_victims(cands, sum(c.size_bytes for c in cands if not c.pinned))
-                    or []
-                )
-            if not names:
-                continue
-            ours = sum(c.size_bytes for c in self._candidates([d], exclude=""))
-            why = (
-                f"GPU {d.index} at {d.used_bytes / d.total_bytes:.0%} of "
-                f"{_gib(d.total_bytes)}, above gpu.high_watermark {g.high_watermark:g} "
-                f"(other programs hold {_gib(max(0, d.used_bytes - ours))})"
-            )
-            await self._evict(names, why)
-            evicted += names
-        return evicted
+        hw = self.cfg.gpu.high_watermark
+        return [d for d in snap.devices if d.total_bytes > 0 and d.used_bytes > hw * d.total_bytes]
 
-    async def pinned_fit_error(self, cfg: Config, extra: str | None = None) -> str | None:
+    def relief(self, d: gpu.Device, models: Collection[Model]) -> Relief | None:
+        """The idle models to evict to bring a GPU down to gpu.low_watermark, or as near as
+        evicting can; None when nothing may go."""
+        g = self.cfg.gpu
+        need = d.used_bytes - int(g.low_watermark * d.total_bytes)
+        all_cands = self._candidates([d], models, exclude="")
+        cands = [c for c in all_cands if c.in_flight == 0]
+        names = policy.choose_victims(cands, need)
+        if names is None:
+            # Free what can be freed even if it is not enough.
+            names = (
+                policy.choose_victims(cands, sum(c.size_bytes for c in cands if not c.pinned)) or []
+            )
+        if not names:
+            return None
+        ours = sum(c.size_bytes for c in all_cands)
+        why = (
+            f"GPU {d.index} at {d.used_bytes / d.total_bytes:.0%} of "
+            f"{_gib(d.total_bytes)}, above gpu.high_watermark {g.high_watermark:g} "
+            f"(other programs hold {_gib(max(0, d.used_bytes - ours))})"
+        )
+        return Relief(tuple(names), why)
+
+    async def pinned_fit_error(
+        self, cfg: Config, models: Mapping[str, Model], extra: str | None = None
+    ) -> str | None:
         """Why the pinned models (config and run-time pins, plus `extra`) cannot all stay in
         GPU memory together, or None; models of unknown size are left out."""
         snap = await self.read()
         if not snap.devices:
             return None
-        names = {m.name for m in cfg.models if m.pin} | self.store.pins()
+        names = {m.name for m in cfg.models if m.pin} | self._history.pins()
         if extra is not None:
             names.add(extra)
         sizes: dict[str, int] = {}
         for name in sorted(names):
-            child = await self.lifecycle.backends.locate(name)
+            child = await self._backends.locate(name)
             if child is None or not child.running:
                 continue
-            m = self.lifecycle.models.get(name) or Model(name, child.name)  # a read: record nothing
+            m = models.get(name) or Model(name, child.name)  # a read: record nothing
             fp = await self.footprint(m, child, self.devices_of(child, snap), {})
             if fp.bytes:
                 sizes[name] = fp.bytes
@@ -443,3 +418,7 @@ class Memory:
             f"pinned models need {_gib(total)} together but the GPUs hold {_gib(capacity)} "
             f"under gpu.high_watermark and gpu.reserve: {listed}; unpin one or add GPU memory"
         )
+
+
+def _where(devices: list[gpu.Device]) -> str:
+    return ", ".join(f"GPU {d.index}" for d in devices)

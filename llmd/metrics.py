@@ -5,16 +5,53 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from llmd.store import RequestRecord
-
-if TYPE_CHECKING:
-    from llmd.daemon import Daemon
 
 # Seconds: from a warm token to a cold load of a big model.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class ModelGauges:
+    """One model's gauges."""
+
+    name: str
+    backend: str
+    loaded: bool
+    in_flight: int
+    vram_bytes: int
+    keep_alive_s: float | None  # None: forever
+    keep_alive_source: str
+
+
+@dataclass(frozen=True)
+class BackendGauges:
+    """One backend's gauges."""
+
+    name: str
+    up: bool
+    restarts: int
+
+
+@dataclass(frozen=True)
+class GpuGauges:
+    """One GPU's memory."""
+
+    index: int
+    used_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state /metrics shows besides the counters, as plain data (built by the admin layer)."""
+
+    models: list[ModelGauges]
+    backends: list[BackendGauges]
+    gpus: list[GpuGauges]
 
 
 class Histogram:
@@ -72,7 +109,7 @@ class Metrics:
         """One lifecycle event (load, unload, evict, crash...)."""
         self.events[(kind, model or "")] += 1
 
-    def render(self, d: Daemon) -> str:
+    def render(self, snap: Snapshot) -> str:
         """The Prometheus text exposition format."""
         out: list[str] = []
 
@@ -122,15 +159,12 @@ class Metrics:
         )
         hist("llmd_request_duration_seconds", "Proxied request duration.", self.duration)
         hist("llmd_time_to_first_byte_seconds", "Time to the first response byte.", self.ttfb)
-        models = sorted(d.lifecycle.models.values(), key=lambda m: m.name)
+        models = snap.models
         family(
             "llmd_model_loaded",
             "gauge",
             "1 if the model is loaded.",
-            (
-                (lab(("model", "backend"), m.name, m.backend), float(m.state.value == "loaded"))
-                for m in models
-            ),
+            ((lab(("model", "backend"), m.name, m.backend), float(m.loaded)) for m in models),
         )
         family(
             "llmd_model_in_flight",
@@ -142,7 +176,7 @@ class Metrics:
             "llmd_model_vram_bytes",
             "gauge",
             "GPU memory held by the model.",
-            ((lab(("model",), m.name), m.size_vram) for m in models),
+            ((lab(("model",), m.name), m.vram_bytes) for m in models),
         )
         family(
             "llmd_model_keep_alive_seconds",
@@ -150,19 +184,18 @@ class Metrics:
             "The keep-alive the model's idle timer uses (-1: forever).",
             (
                 (
-                    lab(("model", "source"), m.name, ka.source),
-                    -1 if ka.keep_alive_s is None else ka.keep_alive_s,
+                    lab(("model", "source"), m.name, m.keep_alive_source),
+                    -1 if m.keep_alive_s is None else m.keep_alive_s,
                 )
                 for m in models
-                for ka in [d.lifecycle.keep_alive_of(m)]
             ),
         )
-        children = list(d.backends.children.values())
+        children = snap.backends
         family(
             "llmd_backend_up",
             "gauge",
             "1 if the backend's ollama child is running.",
-            ((lab(("backend",), c.name), float(c.running)) for c in children),
+            ((lab(("backend",), c.name), float(c.up)) for c in children),
         )
         family(
             "llmd_backend_restarts_total",
@@ -170,8 +203,7 @@ class Metrics:
             "Restarts of the backend's child.",
             ((lab(("backend",), c.name), c.restarts) for c in children),
         )
-        snap = d.memory.snapshot
-        devices = snap.devices if snap is not None else []
+        devices = snap.gpus
         family(
             "llmd_gpu_memory_used_bytes",
             "gauge",

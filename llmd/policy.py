@@ -585,6 +585,41 @@ class Candidate:
     load_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the policy weighs about one model, whoever asks (keep-alive, eviction, the admin
+    view, the replay benchmark): derived in one place, llmd.models.policy_inputs."""
+
+    priority: int
+    pinned: bool
+    load_s: float  # seconds a cold load takes
+    size_gb: float  # GB of GPU memory it holds when loaded
+
+
+def candidate(
+    name: str,
+    inputs: ModelInputs,
+    *,
+    in_flight: int,
+    size_bytes: int,
+    idle_s: float,
+    hist: IdleHistogram | None,
+    beta: float,
+) -> Candidate:
+    """A loaded model as a candidate for eviction; size_bytes is what evicting it frees."""
+    return Candidate(
+        name=name,
+        priority=inputs.priority,
+        pinned=inputs.pinned,
+        in_flight=in_flight,
+        size_bytes=size_bytes,
+        idle_s=idle_s,
+        hist=hist,
+        break_even_s=break_even_s(inputs.load_s, inputs.size_gb, inputs.priority, beta),
+        load_s=inputs.load_s,
+    )
+
+
 def _own_keep_s(c: Candidate) -> float | None:
     """The keep-alive the candidate's own history implies (decide_keep_alive's cost-optimal
     timeout, without the operator's bounds), or None when the history cannot tell."""

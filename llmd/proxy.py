@@ -28,8 +28,11 @@ from llmd.bodies import (
     dump_json,
     parse_json,
 )
+from llmd.childapi import ChildAPIError, Pulled
 from llmd.config import Config, normalize_model
-from llmd.lifecycle import Lease, Lifecycle, LoadError, MState
+from llmd.lifecycle import Lease, Lifecycle
+from llmd.metrics import CONTENT_TYPE
+from llmd.models import LoadError, MState
 from llmd.ollama_errors import (
     go_duration,
     json_syntax_error,
@@ -178,6 +181,10 @@ class Proxy:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def configure(self, cfg: Config) -> None:
+        """Take a reloaded config (keys, aliases, limits)."""
+        self.cfg = cfg
+
     def app(self, outer: Sequence[Middleware] = ()) -> web.Application:
         """Build the aiohttp application (body limits are enforced per handler); `outer`
         middlewares run first (the connection limiter's)."""
@@ -309,7 +316,7 @@ class Proxy:
             raise ProxyError(404, "metrics are not enabled")
         return web.Response(
             body=self._metrics().encode(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            headers={"Content-Type": CONTENT_TYPE},
         )
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -330,14 +337,20 @@ class Proxy:
         503 when no child answered: an empty list would tell clients there are no models."""
         children = list(self.backends.children.values())
         missing = {c.name: c.state.value for c in children if not c.running}
-        loop = asyncio.get_running_loop()
-        asked = {
-            loop.create_task(self.backends.fetch_json(c, path), name=f"gather-{c.name}"): c
-            for c in children
-            if c.running
-        }
-        pending = set(asked)
-        try:
+        answers: dict[str, dict[str, Any]] = {}
+
+        async def ask(c: Child) -> None:
+            try:
+                answers[c.name] = await c.api.get_json(path)
+            except ChildAPIError as e:
+                log.warning("%s from backend %s failed: %s", path, c.name, e)
+                missing[c.name] = "no answer" if e.timed_out else "failed"
+
+        async with asyncio.TaskGroup() as tg:  # this request's: cancelled with it
+            asked = {
+                tg.create_task(ask(c), name=f"gather-{c.name}"): c for c in children if c.running
+            }
+            pending = set(asked)
             while pending:
                 _, pending = await asyncio.wait(pending, timeout=GATHER_RECHECK_S)
                 for task in [t for t in pending if not asked[t].running]:
@@ -345,22 +358,9 @@ class Proxy:
                     task.cancel()
                     pending.discard(task)
                     missing[asked[task].name] = asked[task].state.value
-        finally:
-            for task in pending:
-                task.cancel()
-            for task in asked:  # even when this request was cancelled: none "never retrieved"
-                if task.done() and not task.cancelled():
-                    task.exception()
-        out = []
-        for task, c in asked.items():
-            if c.name in missing:
-                continue
-            e = task.exception()
-            if e is not None:
-                log.warning("%s from backend %s failed: %s", path, c.name, e)
-                missing[c.name] = "no answer" if isinstance(e, TimeoutError) else "failed"
-            else:
-                out.append((c, task.result()))
+        out = [
+            (c, answers[c.name]) for c in children if c.name in answers and c.name not in missing
+        ]
         if not out:
             raise self._no_backend(None, missing)
         return out, missing
@@ -376,7 +376,8 @@ class Proxy:
         merged: dict[str, dict[str, Any]] = {}
         answers, missing = await self._gather("/api/tags")
         for child, doc in answers:
-            self.backends.set_tags(child.name, list(doc.get("models") or []))
+            listed = [e for e in doc.get("models") or [] if isinstance(e, dict)]
+            self.backends.set_tags(child.name, [Pulled.from_json(e) for e in listed])
             for m in doc.get("models") or []:
                 merged.setdefault(m.get("name"), m)
         models = sorted(merged.values(), key=lambda m: str(m.get("modified_at", "")), reverse=True)

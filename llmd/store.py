@@ -323,10 +323,6 @@ class Store:
         """What has been learned about the model, if anything."""
         return self._facts.get(model)
 
-    def all_model_facts(self) -> dict[str, ModelFacts]:
-        """What has been learned about every model, by name."""
-        return dict(self._facts)
-
     def pins(self) -> set[str]:
         """The models pinned at runtime."""
         if self._loaded:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -12,12 +14,18 @@ from llmdproc import free_port
 
 from llmd import config
 from llmd.backends import Backends
+from llmd.childapi import Pulled
 from llmd.process import State
 
 
 def never_started(coro: Any, name: str) -> Any:
     coro.close()
     raise AssertionError(f"{name} must not start in these tests")
+
+
+def run_now(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """The daemon's TaskGroup seam, for a scan of the children's models."""
+    return asyncio.get_running_loop().create_task(coro, name=name)
 
 
 # b0 and b1: their states, which of them have listed models (with what), then the answer.
@@ -85,7 +93,7 @@ async def test_missing_says_whether_to_retry(
         for name, state in zip(("b0", "b1"), states, strict=True):
             backends.children[name].state = State(state)
         for name, models in listed.items():
-            backends.set_tags(name, models)
+            backends.set_tags(name, [Pulled.from_json(m) for m in models])
         found, why = backends.missing("m:1b")
     assert (found.name if found else None, why) == (child, message)
 
@@ -111,7 +119,7 @@ async def test_a_failing_model_list_is_logged_once_per_failure(
     cfg = config.from_dict({"backend": [{"name": "b0", "port": port}]})
     try:
         async with aiohttp.ClientSession() as session:
-            backends = Backends(cfg, session=session, start_task=never_started)
+            backends = Backends(cfg, session=session, start_task=run_now)
             backends.children["b0"].state = State.RUNNING
             with caplog.at_level(logging.INFO, logger="llmd.backends"):
                 for _ in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,27 @@ import pytest
 from llmdproc import free_port
 from simproc import sim_path_env
 
-from llmd import config
+from llmd import config, gpu
 from llmd.backends import Backends
-from llmd.lifecycle import KeepAlive, Lifecycle, Model, MState
-from llmd.policy import KeepAliveDecision
+from llmd.lifecycle import Lifecycle
+from llmd.memory import Memory
+from llmd.models import KeepAlive, Model, MState
+from llmd.policy import IdleHistogram, KeepAliveDecision
 
 MODEL = "tiny:1m"
+
+
+class NoHistory:
+    """Nothing learned yet (the store's seam)."""
+
+    def pins(self) -> set[str]:
+        return set()
+
+    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+        return IdleHistogram()
+
+    def model_facts(self, model: str) -> None:
+        return None
 
 
 class Events:
@@ -59,11 +75,21 @@ async def parts(
         return tasks[-1]
 
     events = Events()
+    decision[:] = [decide]
     async with aiohttp.ClientSession() as session:
         backends = Backends(cfg, session=session, start_task=start_task)
         backends.start()
         await backends.wait_settled()
-        lc = Lifecycle(cfg, backends, session=session, events=events, keep_alive=decide)
+        memory = Memory(cfg, gpu.NoneProbe(time.time), backends=backends, history=NoHistory())
+        lc = Lifecycle(
+            cfg,
+            backends,
+            memory,
+            history=NoHistory(),
+            events=events,
+            start_task=start_task,
+            keep_alive=lambda m, idle_s=0.0: decision[0](m, idle_s),
+        )
         timers = asyncio.create_task(lc.run_timers())
         try:
             yield lc, events
@@ -72,6 +98,10 @@ async def parts(
             await lc.close()
             await backends.stop_all()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# The keep-alive decision in force: a test may swap it.
+decision: list[Any] = []
 
 
 def decide(m: Model, idle_s: float = 0.0) -> KeepAlive:
@@ -115,11 +145,14 @@ async def test_a_second_name_of_a_loaded_model_shares_its_runner(
     second load, reconciliation keeps one loaded record (the child lists the runner once, under
     the first name), and unloading by the second name unloads the runner."""
     lc, events = parts
-    lc.set_keep_alive_fn(lambda m, *_: KeepAliveDecision(None, "pinned", 0, None))
+    decision[0] = lambda m, *_: KeepAliveDecision(None, "pinned", 0, None)
     child = lc.backends.children["b0"]
-    async with lc._session.post(
-        child.url + "/api/copy", json={"source": MODEL, "destination": "copy:1m"}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            child.url + "/api/copy", json={"source": MODEL, "destination": "copy:1m"}
+        ) as r,
+    ):
         assert r.status == 200
     await lc.backends.refresh_tags()
     async with lc.lease(MODEL, child) as first:

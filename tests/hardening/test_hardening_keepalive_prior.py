@@ -27,7 +27,7 @@ from llmd.policy import (
     decide_keep_alive,
 )
 
-# A fresh model as the daemon sees it before its first measured load (lifecycle.GUESS_*), at
+# A fresh model as the daemon sees it before its first measured load (models.GUESS_*), at
 # the default priority 5 and the default beta: T* = 0.8 * 10 / (0.001 * 5) = 1600 s.
 FRESH: dict[str, Any] = {"load_s": 10.0, "size_gb": 5.0, "priority": 5, "beta": 0.001}
 T_STAR = break_even_s(**FRESH)
