@@ -1,4 +1,4 @@
-"""The only SQL in llmd: request log, idle-gap histograms, events, model facts and pins."""
+"""The only SQL in llmd: request log, events, and the learned state saved behind memory."""
 
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ from urllib.parse import quote
 
 import aiosqlite
 
+from llmd.learned import DAY_S, Learned, ModelFacts, utc_day
 from llmd.policy import IdleHistogram
 
 log = logging.getLogger("llmd.store")
 
-DAY_S = 86400.0
-LOAD_S_WEIGHT = 0.3  # weight of the newest load in the load time's moving average
 CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
 
 SCHEMA_VERSION = 1
@@ -114,31 +113,13 @@ class RequestRecord:
     eval_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ModelFacts:
-    """What llmd has learned about a model's size and load time."""
-
-    model: str
-    size_vram: int | None
-    size: int | None
-    load_s: float | None
-    loads: int  # load times averaged into load_s
-    updated: float
-
-
 # time, kind, model, backend, reason
 _Event = tuple[float, str, str | None, str | None, str]
-_FactUpdate = tuple[str, int | None, int | None, float | None]
 _T = TypeVar("_T")
 
 
 class SchemaTooNewError(Exception):
     """The database was written by a newer llmd whose schema this one does not know."""
-
-
-def _day(t: float) -> str:
-    """The UTC day of a unix time, as YYYY-MM-DD."""
-    return time.strftime("%Y-%m-%d", time.gmtime(t))
 
 
 def _errcode(exc: BaseException) -> int | None:
@@ -234,25 +215,8 @@ class Store:
         self._unwritten: deque[RequestRecord] = deque()
         self._events: deque[_Event] = deque()
 
-        # Learned state. Until the database has been read once (_loaded), these hold only what
-        # was learned since start, to be merged into what the database holds; after that they
-        # hold everything and are written over whatever database there is.
-        self._loaded = False
-        self._hists: dict[str, dict[str, IdleHistogram]] = {}
-        self._busy_until: dict[str, float] = {}
-        self._facts: dict[str, ModelFacts] = {}
-        self._pins: set[str] = set()
-        # Pins read from a database that could not be opened for writing, in force until it can.
-        self._peeked_pins: set[str] = set()
-        self._fact_updates: deque[_FactUpdate] = deque(maxlen=1000)
-        self._first_start: dict[str, float] = {}  # per model, its first request before _loaded
-        self._merged: dict[str, dict[int, tuple[str, IdleHistogram]]] = {}
-
-        # What changed since the last successful write.
-        self._dirty_hists: set[tuple[str, str]] = set()
-        self._dirty_busy: set[str] = set()
-        self._dirty_facts: set[str] = set()
-        self._dirty_pins: set[str] = set()
+        # The learned state, whole in memory; written behind it when the disk allows.
+        self.learned = Learned(clock)
 
     @classmethod
     async def open(
@@ -303,32 +267,15 @@ class Store:
         # The daemon asks as a model goes idle, right after its last request was recorded:
         # count that request's gap now rather than at the next flush.
         self._roll_up()
-        now = self._clock()
-        today = _day(now)
-        cached = self._merged.get(model, {}).get(days)
-        if cached is None or cached[0] != today:
-            first = _day(now - (days - 1) * DAY_S)
-            merged = IdleHistogram()
-            for day, hist in self._hists.get(model, {}).items():
-                if day >= first:
-                    merged.merge(hist)
-            cached = (today, merged)
-            self._merged.setdefault(model, {})[days] = cached
-        # A copy, so that a caller merging into it cannot change the store's.
-        out = IdleHistogram()
-        out.merge(cached[1])
-        return out
+        return self.learned.idle_histogram(model, days)
 
     def model_facts(self, model: str) -> ModelFacts | None:
         """What has been learned about the model, if anything."""
-        return self._facts.get(model)
+        return self.learned.model_facts(model)
 
     def pins(self) -> set[str]:
         """The models pinned at runtime."""
-        if self._loaded:
-            return set(self._pins)
-        unpinned = self._dirty_pins - self._pins
-        return (self._peeked_pins - unpinned) | self._pins
+        return self.learned.pins()
 
     def status(self) -> dict[str, Any]:
         """The store's health for the admin API."""
@@ -381,20 +328,13 @@ class Store:
         load_s: float | None = None,
     ) -> ModelFacts:
         """Remember what a load of the model showed; None leaves a fact as it was."""
-        if not self._loaded:
-            self._fact_updates.append((model, size_vram, size, load_s))
-        facts = self._update_facts(model, size_vram, size, load_s)
-        self._dirty_facts.add(model)
+        facts = self.learned.set_model_facts(model, size_vram, size, load_s)
         await self._flush_if_healthy()
         return facts
 
     async def set_pin(self, model: str, pinned: bool) -> bool:
         """Pin or unpin the model at runtime; True if saved, False if in memory until it is."""
-        if pinned:
-            self._pins.add(model)
-        else:
-            self._pins.discard(model)
-        self._dirty_pins.add(model)
+        self.learned.set_pin(model, pinned)
         return await self._flush_if_healthy()
 
     # -- background work --------------------------------------------------------------------
@@ -453,16 +393,8 @@ class Store:
         """Forget requests, events and histograms older than retention_days."""
         now = self._clock()
         cutoff = now - self.retention_days * DAY_S
-        first_day = _day(now - (self.retention_days - 1) * DAY_S)
-        for model in list(self._hists):
-            days = self._hists[model]
-            for day in [d for d in days if d < first_day]:
-                del days[day]
-            if not days:
-                del self._hists[model]
-        for model in [m for m, t in self._busy_until.items() if t < cutoff]:
-            del self._busy_until[model]
-        self._merged.clear()
+        first_day = utc_day(now - (self.retention_days - 1) * DAY_S)
+        self.learned.prune(cutoff, first_day)
         async with self._lock:
             db = self._db
             if db is None or self.degraded is not None or self._closed:
@@ -486,14 +418,11 @@ class Store:
         """Write what is pending and close the database."""
         if self._closed:
             return
-        if not await self.flush() and self._dirty_pins:
+        if not await self.flush() and (unsaved := self.learned.unsaved_pins()):
             # Said as the daemon stops, so that nobody takes a lost pin for a kept one.
             log.error(
                 "pin changes not saved, lost at this stop: %s",
-                ", ".join(
-                    f"{m} {'pinned' if m in self._pins else 'unpinned'}"
-                    for m in sorted(self._dirty_pins)
-                ),
+                ", ".join(f"{m} {'pinned' if pinned else 'unpinned'}" for m, pinned in unsaved),
             )
         async with self._lock:
             self._closed = True
@@ -539,46 +468,7 @@ class Store:
         for rec in batch:
             self._push(self._unwritten, rec)
             if rec.model:
-                self._count_gap(rec)
-
-    def _count_gap(self, rec: RequestRecord) -> None:
-        model = rec.model
-        busy_until = self._busy_until.get(model)
-        if busy_until is None and not self._loaded:
-            # The database may know where this model's last busy period ended: see _load.
-            self._first_start.setdefault(model, rec.time)
-        if busy_until is not None and rec.time > busy_until:
-            self._add_gap(model, rec.time, rec.time - busy_until)
-        end = rec.time + rec.duration_s
-        if busy_until is None or end > busy_until:
-            self._busy_until[model] = end
-            self._dirty_busy.add(model)
-
-    def _add_gap(self, model: str, start: float, gap_s: float) -> None:
-        day = _day(start)
-        self._hists.setdefault(model, {}).setdefault(day, IdleHistogram()).add(gap_s)
-        self._dirty_hists.add((model, day))
-        self._merged.pop(model, None)
-
-    def _update_facts(
-        self, model: str, size_vram: int | None, size: int | None, load_s: float | None
-    ) -> ModelFacts:
-        old = self._facts.get(model) or ModelFacts(model, None, None, None, 0, 0.0)
-        avg, loads = old.load_s, old.loads
-        if load_s is not None:
-            # A moving average: recent loads matter most, one slow outlier does not dominate.
-            avg = load_s if avg is None else avg + LOAD_S_WEIGHT * (load_s - avg)
-            loads += 1
-        facts = ModelFacts(
-            model,
-            size_vram if size_vram is not None else old.size_vram,
-            size if size is not None else old.size,
-            avg,
-            loads,
-            self._clock(),
-        )
-        self._facts[model] = facts
-        return facts
+                self.learned.count_gap(rec.model, rec.time, rec.duration_s)
 
     async def _flush_if_healthy(self) -> bool:
         # While degraded the run loop retries; an admin call should not wait out a lock.
@@ -607,7 +497,8 @@ class Store:
 
     async def _peek_pins(self, exc: Exception) -> None:
         """Read the pins of a database that cannot be opened for writing, to keep them in force."""
-        if self._loaded or self._peeked_pins or _errcode(exc) in (_BUSY, _LOCKED):
+        learned = self.learned
+        if learned.loaded or learned.peeked_pins or _errcode(exc) in (_BUSY, _LOCKED):
             return  # another writer may be halfway through: no lock-free read then
         # immutable=1 reads the file as it is, without locks, -wal or -shm: a read-only disk
         # allows nothing more. Pins written since the last checkpoint may be missing.
@@ -620,12 +511,12 @@ class Store:
         except Exception as err:
             log.debug("database %s: pins unreadable too: %s", self.path, _one_line(err))
             return
-        self._peeked_pins = {str(r[0]) for r in rows}
-        if self._peeked_pins:
+        learned.peeked_pins = {str(r[0]) for r in rows}
+        if learned.peeked_pins:
             log.warning(
                 "database %s: pins read from the file as it is on disk, in force meanwhile: %s",
                 self.path,
-                ", ".join(sorted(self._peeked_pins)),
+                ", ".join(sorted(learned.peeked_pins)),
             )
 
     async def _open_db(self) -> aiosqlite.Connection:
@@ -712,17 +603,14 @@ class Store:
             log.info("database %s: migrated schema %d -> %d", self.path, version, SCHEMA_VERSION)
 
     async def _load(self, db: aiosqlite.Connection) -> None:
-        """Merge the database's learned state with memory's (see _loaded)."""
+        """Merge the database's learned state with memory's (see Learned.loaded)."""
         (rows,) = (await _fetchall(db, "SELECT count(*) FROM requests"))[0]
-        if self._loaded:
+        if self.learned.loaded:
             # Memory is complete: write all of it to this (perhaps new) database.
-            self._dirty_hists |= {(m, d) for m, days in self._hists.items() for d in days}
-            self._dirty_busy |= set(self._busy_until)
-            self._dirty_facts |= set(self._facts)
-            self._dirty_pins |= self._pins
+            self.learned.mark_all_changed()
             self._rows = rows
             return
-        first_day = _day(self._clock() - (self.retention_days - 1) * DAY_S)
+        first_day = utc_day(self._clock() - (self.retention_days - 1) * DAY_S)
         hist_rows = await _fetchall(
             db, "SELECT model, day, histogram FROM idle_histograms WHERE day >= ?", (first_day,)
         )
@@ -733,6 +621,7 @@ class Store:
         pin_rows = await _fetchall(db, "SELECT model FROM pins")
 
         # No awaits below: memory changes all at once or not at all.
+        hists: list[tuple[str, str, IdleHistogram]] = []
         for model, day, text in hist_rows:
             try:
                 hist = IdleHistogram.from_dict(json.loads(text))
@@ -741,31 +630,11 @@ class Store:
                     "database %s: skipping bad histogram %s %s: %s", self.path, model, day, exc
                 )
                 continue
-            days = self._hists.setdefault(model, {})
-            if day in days:
-                hist.merge(days[day])
-            days[day] = hist
-        for model, busy_until in busy_rows:
-            first = self._first_start.get(model)
-            if first is not None and first > busy_until:
-                self._add_gap(model, first, first - busy_until)  # the gap spanning the outage
-            self._busy_until[model] = max(busy_until, self._busy_until.get(model, busy_until))
-        self._first_start.clear()
-        self._facts = {r[0]: ModelFacts(*r) for r in fact_rows}
-        for update in self._fact_updates:
-            self._update_facts(*update)
-        self._fact_updates.clear()
-        pins = {r[0] for r in pin_rows}
-        for model in self._dirty_pins:
-            if model in self._pins:
-                pins.add(model)
-            else:
-                pins.discard(model)
-        self._pins = pins
-        self._peeked_pins.clear()
-        self._merged.clear()
+            hists.append((model, day, hist))
+        self.learned.load(
+            hists, busy_rows, [ModelFacts(*r) for r in fact_rows], [r[0] for r in pin_rows]
+        )
         self._rows = rows
-        self._loaded = True
 
     async def _write(self) -> bool:
         """Write the buffers and changed state in one transaction; the lock is held."""
@@ -773,18 +642,16 @@ class Store:
         assert db is not None
         reqs, self._unwritten = self._unwritten, deque()
         evs, self._events = self._events, deque()
-        hist_keys, self._dirty_hists = self._dirty_hists, set()
-        busy, self._dirty_busy = self._dirty_busy, set()
-        facts, self._dirty_facts = self._dirty_facts, set()
-        pins, self._dirty_pins = self._dirty_pins, set()
+        learned = self.learned
+        changes = learned.take_changes()
 
         hist_rows = [
-            (m, d, json.dumps(self._hists[m][d].to_dict(), separators=(",", ":")))
-            for m, d in hist_keys
-            if d in self._hists.get(m, {})  # else pruned meanwhile
+            (m, d, json.dumps(learned.hists[m][d].to_dict(), separators=(",", ":")))
+            for m, d in changes.hists
+            if d in learned.hists.get(m, {})  # else pruned meanwhile
         ]
-        busy_rows = [(m, self._busy_until[m]) for m in busy if m in self._busy_until]
-        fact_rows = [astuple(self._facts[m]) for m in facts if m in self._facts]
+        busy_rows = [(m, learned.busy_until[m]) for m in changes.busy if m in learned.busy_until]
+        fact_rows = [astuple(learned.facts[m]) for m in changes.facts if m in learned.facts]
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
@@ -815,11 +682,11 @@ class Store:
                 )
                 await db.executemany(
                     "INSERT OR IGNORE INTO pins (model) VALUES (?)",
-                    [(m,) for m in pins if m in self._pins],
+                    [(m,) for m in changes.pins if m in learned.pinned],
                 )
                 await db.executemany(
                     "DELETE FROM pins WHERE model = ?",
-                    [(m,) for m in pins if m not in self._pins],
+                    [(m,) for m in changes.pins if m not in learned.pinned],
                 )
                 await db.execute("COMMIT")
             except BaseException:
@@ -829,10 +696,7 @@ class Store:
             # Keep everything for the next try, older records ahead of newer ones.
             self._unwritten = self._requeue(reqs, self._unwritten)
             self._events = self._requeue(evs, self._events)
-            self._dirty_hists |= hist_keys
-            self._dirty_busy |= busy
-            self._dirty_facts |= facts
-            self._dirty_pins |= pins
+            learned.put_back(changes)
             if not isinstance(exc, Exception):
                 raise
             if isinstance(exc, sqlite3.IntegrityError | sqlite3.InterfaceError):
@@ -891,7 +755,7 @@ class Store:
             self._set_degraded(exc, f"; could not move it aside: {_one_line(err)}")
             return False
         self.moved_aside = target
-        if self._loaded:
+        if self.learned.loaded:
             fate = "what llmd has learned is in memory and goes into a new database"
         else:
             fate = "a new database starts empty; what was learned before is in the moved file"
