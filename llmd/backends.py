@@ -112,7 +112,7 @@ class Backends:
         # Children keep their Config objects, but unchanged ones compare equal: refresh them.
         for b in new.backends:
             if b.name in self.children:
-                self.children[b.name].cfg = b
+                self.children[b.name].configure(b)
         return notes
 
     # -- placement --------------------------------------------------------------------------------

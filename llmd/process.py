@@ -226,6 +226,13 @@ class Child:
             return 30
         return RETRY_AFTER_S
 
+    def configure(self, cfg: BackendConfig) -> None:
+        """Take a reloaded backend config equal to the one it runs with (a changed backend
+        gets a new Child instead)."""
+        if cfg != self.cfg:
+            raise ValueError(f"backend {self.name}: a changed config needs a new child")
+        self.cfg = cfg
+
     def _change_state(self, new: State, why: str = "") -> None:
         """Move to `new` if TRANSITIONS allows it from the current state, and tell on_change."""
         old = self.state
