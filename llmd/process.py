@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from llmd.childapi import ChildAPI
+from llmd.childapi import ChildAPI, ChildAPIError
 from llmd.config import BackendConfig
 from llmd.transitions import guard
 
@@ -348,12 +348,20 @@ class Child:
                 if not self._want_running:
                     await self._terminate(proc, exited)
                     return "stopped", 0.0
+                try:
+                    version = f"ollama {await self.api.version() or '?'}"
+                except ChildAPIError as e:
+                    version = f"version unknown: {e}"
                 self._change_state(State.RUNNING)  # STARTING -> RUNNING
                 self.error = None
                 ready_at = self._clock()
                 self._settled.set()
                 log.info(
-                    "backend %s: ready on port %d (pid %d)", self.name, self.cfg.port, proc.pid
+                    "backend %s: ready on port %d (pid %d, %s)",
+                    self.name,
+                    self.cfg.port,
+                    proc.pid,
+                    version,
                 )
                 reason = await self._watch(proc, exited)
                 return reason, self._clock() - ready_at
