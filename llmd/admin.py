@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,7 @@ from aiohttp import web
 from llmd import __version__, metrics
 from llmd.backends import Backends
 from llmd.config import Config
-from llmd.connlimit import Connections
+from llmd.connlimit import Connections, open_file_limit
 from llmd.lifecycle import EventSink, Lifecycle
 from llmd.models import LoadError, Model, MState, policy_inputs
 from llmd.process import Child
@@ -241,7 +240,7 @@ class Admin:
                 "listen": self.cfg.proxy.listen,
                 "in_flight": self.proxy.in_flight,
                 "connections": self.connections.snapshot(),
-                "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                "open_file_limit": open_file_limit(),
             },
             "admin_socket": str(self.cfg.daemon.admin_socket),
             "summary": self.summary(),

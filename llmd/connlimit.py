@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ def fd_cap(nofile: int) -> int:
     """The most client connections an open-file limit allows: each may hold two descriptors
     (the client's and one to a child) beyond the reserve."""
     return max(MIN_CAP, (nofile - RESERVE_FDS) // 2)
+
+
+def open_file_limit() -> int:
+    """The process's soft limit on open files (every connection takes one)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def connection_cap(configured: int | None, nofile: int) -> tuple[int, str | None]:

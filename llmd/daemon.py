@@ -27,7 +27,7 @@ from llmd import __version__, config, gpu, logfilter
 from llmd.admin import Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
-from llmd.connlimit import Connections, LimitedSite, connection_cap
+from llmd.connlimit import Connections, LimitedSite, connection_cap, open_file_limit
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
 from llmd.metrics import Metrics
@@ -180,7 +180,7 @@ class Daemon:
     async def _bind(self, stack: contextlib.AsyncExitStack) -> None:
         """Bind the proxy port and the admin socket; both or neither."""
         p = self.cfg.proxy
-        cap, why = connection_cap(p.max_connections, _nofile())
+        cap, why = connection_cap(p.max_connections, open_file_limit())
         if why:
             log.warning("%s", why)
         self.connections = Connections(p, cap)
@@ -469,10 +469,6 @@ def _warn_exposure(cfg: Config) -> None:
             "models; set proxy.api_keys to stop that",
             p.listen,
         )
-
-
-def _nofile() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _raise_nofile() -> None:

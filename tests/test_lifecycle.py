@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from fakes import Events, FakeHistory
 from llmdproc import free_port
 from simproc import sim_path_env
 
@@ -18,34 +19,9 @@ from llmd.backends import Backends
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
 from llmd.models import KeepAlive, Model, MState
-from llmd.policy import IdleHistogram, KeepAliveDecision
+from llmd.policy import KeepAliveDecision
 
 MODEL = "tiny:1m"
-
-
-class NoHistory:
-    """Nothing learned yet (the store's seam)."""
-
-    def pins(self) -> set[str]:
-        return set()
-
-    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
-        return IdleHistogram()
-
-    def model_facts(self, model: str) -> None:
-        return None
-
-
-class Events:
-    """Collects lifecycle events (the store's seam)."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str | None, str]] = []
-
-    def record_event(
-        self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
-    ) -> None:
-        self.seen.append((kind, model, reason))
 
 
 @pytest.fixture
@@ -80,12 +56,12 @@ async def parts(
         backends = Backends(cfg, session=session, start_task=start_task)
         backends.start()
         await backends.wait_settled()
-        memory = Memory(cfg, gpu.NoneProbe(time.time), backends=backends, history=NoHistory())
+        memory = Memory(cfg, gpu.NoneProbe(time.time), backends=backends, history=FakeHistory())
         lc = Lifecycle(
             cfg,
             backends,
             memory,
-            history=NoHistory(),
+            history=FakeHistory(),
             events=events,
             start_task=start_task,
             keep_alive=lambda m, idle_s=0.0: decision[0](m, idle_s),
