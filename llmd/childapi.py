@@ -86,10 +86,9 @@ def _int(v: Any) -> int:
 class ChildAPI:
     """llmd's questions to one child at `url` (http://127.0.0.1:PORT)."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, name: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
         self._session = session
         self.url = url
-        self.name = name
 
     async def alive(self, timeout: float) -> bool:
         """Whether the child answers its root path (`Ollama is running`) within `timeout`."""
@@ -176,7 +175,7 @@ class ChildAPI:
                     doc = {"error": (await r.text())[:200]}
                 return r.status, doc if isinstance(doc, dict) else {}
         except (aiohttp.ClientError, TimeoutError) as e:
-            why = f"backend {self.name} failed: {_why(e)}"
+            why = f"{_why(e)} (POST {path})"
             raise ChildAPIError(why, timed_out=isinstance(e, TimeoutError)) from e
 
 

@@ -174,7 +174,7 @@ class Child:
         self.restarts = 0
         self.error: str | None = None
         # llmd's own questions to this child go through its API client.
-        self.api = ChildAPI(session, f"http://127.0.0.1:{cfg.port}", cfg.name)
+        self.api = ChildAPI(session, f"http://127.0.0.1:{cfg.port}")
         self._spawn = spawn
         self._clock = clock
         self._on_exit = on_exit

@@ -174,9 +174,9 @@ async def test_a_spilled_load_is_undone_unless_allowed(spill: bool) -> None:
             id="refused",
         ),
         pytest.param(
-            ChildAPIError("backend b0 failed: Server disconnected"),
+            ChildAPIError("Server disconnected (POST /api/generate)"),
             503,
-            "backend b0 failed while loading a:1b: backend b0 failed: Server disconnected",
+            "backend b0 failed while loading a:1b: Server disconnected (POST /api/generate)",
             False,
             id="child-died",
         ),
