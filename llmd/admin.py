@@ -1,4 +1,5 @@
-"""The admin API: HTTP/JSON on a Unix socket, versioned under /v1/, driven by llmctl."""
+"""The admin API: HTTP/JSON on a Unix socket, versioned under /v1/, driven by llmctl; and the
+views of the core it answers with (status, models, pins, the /metrics snapshot)."""
 
 from __future__ import annotations
 
