@@ -59,12 +59,12 @@ class Pulled:
     size: int  # of the model file
     parameter_size: str | None  # "7.6B"
     quantization_level: str | None  # "Q4_K_M"
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_json(cls, e: dict[str, Any]) -> Pulled:
-        details = e.get("details") if isinstance(e.get("details"), dict) else {}
-        assert isinstance(details, dict)
+        details = e.get("details")
+        if not isinstance(details, dict):
+            details = {}
         ps, quant = details.get("parameter_size"), details.get("quantization_level")
         return cls(
             name=str(e.get("name") or ""),
@@ -72,7 +72,6 @@ class Pulled:
             size=_int(e.get("size")),
             parameter_size=ps if isinstance(ps, str) else None,
             quantization_level=quant if isinstance(quant, str) else None,
-            raw=e,
         )
 
 

@@ -50,6 +50,7 @@ class FakeChildAPI:
         self.loaded: dict[str, tuple[int, int]] = {}
         self.gates: dict[str, asyncio.Event] = {}  # a load waits for its gate, if it has one
         self.failures: dict[str, Exception] = {}  # a load raises this, if set
+        self.unload_gates: dict[str, asyncio.Event] = {}  # an unload waits for its gate
         self.pulled: list[Pulled] = []
         self.calls: list[tuple[str, str]] = []
 
@@ -86,6 +87,9 @@ class FakeChildAPI:
 
     async def unload(self, name: str) -> None:
         self.calls.append(("unload", name))
+        gate = self.unload_gates.get(name)
+        if gate is not None:
+            await gate.wait()
         self.loaded.pop(name, None)
 
 

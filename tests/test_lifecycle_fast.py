@@ -247,6 +247,46 @@ async def test_an_unload_while_in_flight_waits_for_the_last_request() -> None:
         assert r.events.of("unload") == [("a:1b", "unload requested")]
 
 
+async def test_a_second_unload_of_an_unloading_model_waits_for_the_first() -> None:
+    """Unloading a model that is already on its way out waits for it: one unload, one event."""
+    async with rig(make_config()) as r:
+        r.add("a:1b", 4)
+        await request(r, "a:1b")
+        m = r.lc.models["a:1b"]
+        gate = r.api.unload_gates["a:1b"] = asyncio.Event()
+        first = r.start(r.lc.unload("a:1b", reason="first"), "unload-1")
+        await wait_until(lambda: m.state is MState.UNLOADING)
+        second = r.start(r.lc.unload("a:1b", reason="second"), "unload-2")
+        await settle()
+        assert not second.done()
+        gate.set()
+        assert (await first, await second) == ("unloaded", "unloaded")
+        assert r.api.calls.count(("unload", "a:1b")) == 1
+        assert r.events.of("unload") == [("a:1b", "first")]
+
+
+async def test_an_unload_cut_short_by_the_childs_death_leaves_a_new_load_alone() -> None:
+    """An unload under way when the child dies does not mark unloaded a model that a request
+    has meanwhile started loading on the restarted child."""
+    async with rig(make_config()) as r:
+        r.add("a:1b", 4)
+        await request(r, "a:1b")
+        m = r.lc.models["a:1b"]
+        unload_gate = r.api.unload_gates["a:1b"] = asyncio.Event()
+        unload = r.start(r.lc.unload("a:1b", reason="llmctl"), "unload")
+        await wait_until(lambda: m.state is MState.UNLOADING)
+        r.lc.child_restarted(r.child, "crashed")
+        load_gate = r.api.gates["a:1b"] = asyncio.Event()
+        again = r.start(request(r, "a:1b"), "request")
+        await wait_until(lambda: m.state is MState.LOADING)
+        unload_gate.set()
+        await unload
+        assert m.state is MState.LOADING
+        load_gate.set()
+        assert await again is True
+        assert m.state is MState.LOADED
+
+
 async def test_relieve_evicts_idle_models_above_the_high_watermark() -> None:
     """Above the high watermark, relieve() evicts the longest-idle idle model down to the low
     watermark and keeps the busy one."""
