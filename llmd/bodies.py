@@ -8,10 +8,9 @@ import math
 import re
 from typing import Any
 
-# Runner options that make Ollama reload a model (api/types.go api.Runner) and that llmd reads
-# itself to plan a load; use_mmap is a boolean, the others integers.
-INT_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread")
-BOOL_OPTIONS = ("use_mmap",)
+from llmd.config import RUNNER_BOOL_OPTIONS as BOOL_OPTIONS
+from llmd.config import RUNNER_INT_OPTIONS as INT_OPTIONS
+
 # Go decodes these into int; a float beyond int64 is out of range there.
 _INT64 = 2**63
 

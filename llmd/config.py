@@ -224,6 +224,8 @@ class BackendConfig:
     probe_interval: float = 2.0
     probe_timeout: float = 2.0
     probe_failures: int = 3
+    # Requests a model serves at once (OLLAMA_NUM_PARALLEL; embedding models always 1).
+    num_parallel: int = 1
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,28 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     preempt: bool = False
     allow_cpu_spill: bool = False
+    # Runner options the model is loaded with; requests asking for others are served as is.
+    options: Mapping[str, int | bool] = field(default_factory=dict)
+    # true: a request with other runner options reloads the model, as Ollama does.
+    reload_on_options: bool = False
+    # None: the [scheduler] value.
+    max_queue: int | None = None
+    queue_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: llmd's queue of requests in front of each model."""
+
+    # Requests that may wait for one model; one more is answered 429.
+    max_queue: int = 64
+    # The longest a request waits in the queue before it is answered 503.
+    queue_timeout: float = 120.0
+    # Waiting this long makes a request as important as one priority level better.
+    aging: float = 30.0
+    # Requests a model that holds the memory another waiting model needs may still start
+    # before it yields (unless the waiting one is more important).
+    swap_batch: int = 8
 
 
 @dataclass(frozen=True)
@@ -253,6 +277,7 @@ class Config:
     gpu: GpuConfig
     backends: tuple[BackendConfig, ...]
     models: tuple[ModelConfig, ...]
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         """The [[model]] entry for a canonical model name, if configured."""
@@ -507,6 +532,16 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         total=parse_size,
         admission_timeout=_positive_duration,
     )
+    scheduler = _read_dataclass(
+        file,
+        "scheduler",
+        top.raw("scheduler", {}),
+        SchedulerConfig,
+        max_queue=_positive_int,
+        queue_timeout=_positive_duration,
+        aging=_positive_duration,
+        swap_batch=_positive_int,
+    )
     no_tables: list[object] = []
     backend_tables = top.get("backend", no_tables, _table_list)
     model_tables = top.get("model", no_tables, _table_list)
@@ -516,7 +551,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     if not backends:
         backends = (BackendConfig(name="default", port=FIRST_BACKEND_PORT),)
     models = tuple(_read_model(file, i, t) for i, t in enumerate(model_tables))
-    cfg = Config(file, daemon, proxy, keep_alive, gpu, backends, models)
+    cfg = Config(file, daemon, proxy, keep_alive, gpu, backends, models, scheduler)
     _check_whole(cfg)
     return cfg
 
@@ -557,11 +592,31 @@ def _read_backend(file: Path, i: int, table: object) -> BackendConfig:
         probe_interval=sec.get("probe_interval", BackendConfig.probe_interval, _positive_duration),
         probe_timeout=sec.get("probe_timeout", BackendConfig.probe_timeout, _positive_duration),
         probe_failures=sec.get("probe_failures", BackendConfig.probe_failures, _positive_int),
+        num_parallel=_num_parallel(sec, env),
     )
     sec.done()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise sec.fail("name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
     return b
+
+
+def _num_parallel(sec: _Section, env: Mapping[str, str]) -> int:
+    """backend.num_parallel, or the OLLAMA_NUM_PARALLEL of its env (older configs set it there);
+    both may be set only to the same value."""
+    n = sec.get("num_parallel", None, _positive_int)
+    in_env = env.get("OLLAMA_NUM_PARALLEL")
+    if in_env is None:
+        return n or BackendConfig.num_parallel
+    if not in_env.strip().isdigit() or int(in_env) < 1:
+        raise sec.fail(
+            "env", f"OLLAMA_NUM_PARALLEL: expected an integer of at least 1, got {in_env!r}"
+        )
+    if n is not None and n != int(in_env):
+        raise sec.fail(
+            "num_parallel",
+            f"is {n} but env.OLLAMA_NUM_PARALLEL is {in_env}: set only num_parallel",
+        )
+    return int(in_env)
 
 
 def _read_model(file: Path, i: int, table: object) -> ModelConfig:
@@ -579,9 +634,42 @@ def _read_model(file: Path, i: int, table: object) -> ModelConfig:
         aliases=sec.get("aliases", (), _str_list),
         preempt=sec.get("preempt", False, _bool),
         allow_cpu_spill=sec.get("allow_cpu_spill", False, _bool),
+        options=sec.get("options", {}, _runner_options),
+        reload_on_options=sec.get("reload_on_options", False, _bool),
+        max_queue=sec.get("max_queue", None, _positive_int),
+        queue_timeout=sec.get("queue_timeout", None, _positive_duration),
     )
     sec.done()
+    if m.options and m.reload_on_options:
+        raise sec.fail("reload_on_options", "cannot be true when options fixes the runner options")
     return m
+
+
+# Ollama's api.Runner options: the ones whose change reloads a model.
+RUNNER_INT_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread")
+RUNNER_BOOL_OPTIONS = ("use_mmap",)
+RUNNER_OPTIONS = RUNNER_INT_OPTIONS + RUNNER_BOOL_OPTIONS
+
+
+def _runner_options(v: object) -> dict[str, int | bool]:
+    if not isinstance(v, dict):
+        raise TypeError(f"expected a table such as {{ num_ctx = 8192 }}, got {v!r}")
+    out: dict[str, int | bool] = {}
+    for k, x in v.items():
+        if k in RUNNER_BOOL_OPTIONS:
+            out[k] = _bool(x)
+        elif k in RUNNER_INT_OPTIONS:
+            n = _int(x)
+            if k == "num_ctx" and n < 1:
+                raise ValueError(f"num_ctx: expected a positive integer, got {n}")
+            out[k] = n
+        else:
+            known = ", ".join(RUNNER_OPTIONS)
+            raise ValueError(
+                f"{k!r} is not a runner option (only these fix how a model is loaded: {known}; "
+                "sampling options belong in the requests)"
+            )
+    return out
 
 
 def _priority(v: object) -> int:
@@ -717,6 +805,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             total=optional(_size_text),
             admission_timeout=_duration_text,
         ),
+        "scheduler": _table(cfg.scheduler, queue_timeout=_duration_text, aging=_duration_text),
         "backend": [
             _table(
                 b,
@@ -731,7 +820,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     }
     if cfg.models:
         doc["model"] = [
-            _table(m, keep_alive=optional(lambda v: v if v == "adaptive" else _duration_text(v)))
+            _table(
+                m,
+                keep_alive=optional(lambda v: v if v == "adaptive" else _duration_text(v)),
+                options=dict,
+                queue_timeout=optional(_duration_text),
+            )
             for m in cfg.models
         ]
     return doc

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from llmd import models as modelinfo
 from llmd.backends import Backends, StartTask
 from llmd.childapi import ChildAPIError, Runner
-from llmd.config import Config, normalize_model
+from llmd.config import RUNNER_OPTIONS, Config, normalize_model
 from llmd.memory import Memory
 from llmd.models import TRANSITIONS, History, KeepAlive, LoadError, Model, MState, NoRoom
 from llmd.process import Child
@@ -27,9 +27,6 @@ log = logging.getLogger("llmd.lifecycle")
 
 UNLOAD_CONFIRM_S = 15.0
 RECONCILE_INTERVAL_S = 5.0
-# Runner options that make Ollama reload a model (api/types.go api.Runner): a shared load
-# passes them along so the request that follows does not reload it again.
-RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "num_thread")
 
 
 class EventSink(Protocol):

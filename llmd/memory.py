@@ -171,12 +171,10 @@ class Memory:
         pulled = self._backends.pulled(child.name, name)
         file_size = pulled.size if pulled is not None else None
         show = await child.api.show(name)
-        try:
-            parallel = max(1, int(child.cfg.env.get("OLLAMA_NUM_PARALLEL", "1") or 1))
-        except ValueError:
-            parallel = 1  # Ollama falls back to its default on a bad value too
         ctx = self.num_ctx(child, devices, options)
-        est = gpu.estimate_footprint(show, num_ctx=ctx, num_parallel=parallel, file_size=file_size)
+        est = gpu.estimate_footprint(
+            show, num_ctx=ctx, num_parallel=child.cfg.num_parallel, file_size=file_size
+        )
         if est is not None:
             return Footprint(est, "estimated")
         table = self.known_footprint(name, None, child.name)

@@ -134,6 +134,7 @@ def child_env(cfg: BackendConfig, instance: str, base: Mapping[str, str]) -> dic
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         }
     )
+    env["OLLAMA_NUM_PARALLEL"] = str(cfg.num_parallel)
     if cfg.gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in cfg.gpus)
     env.update(cfg.env)

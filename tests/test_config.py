@@ -43,6 +43,7 @@ def test_reference_config_documents_every_field() -> None:
         "proxy": config.ProxyConfig,
         "keep_alive": config.KeepAliveConfig,
         "gpu": config.GpuConfig,
+        "scheduler": config.SchedulerConfig,
         "backend": config.BackendConfig,
         "model": config.ModelConfig,
     }
@@ -72,6 +73,37 @@ def test_reference_config_documents_every_field() -> None:
         ("[gpu]\nlow_watermark = 0.9\nhigh_watermark = 0.8", "gpu.low_watermark", "below"),
         ('[gpu]\nprobe = "cuda"', "gpu.probe", "expected one of"),
         ("[[backend]]\nport = 1", "backend[0].name", "is required"),
+        ("[scheduler]\nmax_queue = 0", "scheduler.max_queue", "at least 1"),
+        ('[scheduler]\nqueue_timeout = "0s"', "scheduler.queue_timeout", "positive"),
+        ("[scheduler]\nswap_batch = -1", "scheduler.swap_batch", "at least 1"),
+        ('[[backend]]\nname = "a"\nnum_parallel = 0', "backend[0].num_parallel", "at least 1"),
+        (
+            '[[backend]]\nname = "a"\nnum_parallel = 2\nenv = { OLLAMA_NUM_PARALLEL = "4" }',
+            "backend[0].num_parallel",
+            "set only num_parallel",
+        ),
+        (
+            '[[backend]]\nname = "a"\nenv = { OLLAMA_NUM_PARALLEL = "many" }',
+            "backend[0].env",
+            "OLLAMA_NUM_PARALLEL: expected an integer",
+        ),
+        (
+            '[[model]]\nname = "a"\noptions = { temperature = 0.5 }',
+            "model[0].options",
+            "not a runner option",
+        ),
+        (
+            '[[model]]\nname = "a"\noptions = { num_ctx = "8k" }',
+            "model[0].options",
+            "expected an integer",
+        ),
+        ('[[model]]\nname = "a"\noptions = 8192', "model[0].options", "expected a table"),
+        (
+            '[[model]]\nname = "a"\noptions = { num_ctx = 8192 }\nreload_on_options = true',
+            "model[0].reload_on_options",
+            "cannot be true",
+        ),
+        ('[[model]]\nname = "a"\nmax_queue = 0', "model[0].max_queue", "at least 1"),
         ('[[backend]]\nname = "a b"', "backend[0].name", "letters, digits"),
         ('[[backend]]\nname = "a"\nport = 11434', "backend[0].port", "proxy.listen"),
         ('[[backend]]\nname = "a"\n[[backend]]\nname = "a"', "backend[1].name", "duplicate"),
@@ -308,6 +340,9 @@ pin = true
 name = "nomic-embed-text:v1.5"
 keep_alive = "adaptive"
 preload = true
+options = { num_ctx = 2048, use_mmap = false }
+max_queue = 4
+queue_timeout = "45s"
 [[model]]
 name = "library/llama3:8b"
 keep_alive = 0
@@ -337,12 +372,13 @@ def test_to_dict_mirrors_the_files_sections_and_keys(tmp_path: Path) -> None:
     """to_dict has the file's sections and every key of each, less unset ones and path."""
     cfg = load_text(tmp_path, RICH)
     doc = config.to_dict(cfg)
-    assert list(doc) == ["daemon", "proxy", "keep_alive", "gpu", "backend", "model"]
+    assert list(doc) == ["daemon", "proxy", "keep_alive", "gpu", "scheduler", "backend", "model"]
     names = {
         "daemon": config.DaemonConfig,
         "proxy": config.ProxyConfig,
         "keep_alive": config.KeepAliveConfig,
         "gpu": config.GpuConfig,
+        "scheduler": config.SchedulerConfig,
     }
     for section, cls in names.items():
         assert list(doc[section]) == [f.name for f in dataclasses.fields(cls)], section
@@ -392,6 +428,8 @@ def test_to_dict_leaves_out_unset_model_and_backend_keys(tmp_path: Path) -> None
             "aliases": [],
             "preempt": False,
             "allow_cpu_spill": False,
+            "options": {},
+            "reload_on_options": False,
         }
     ]
     assert "model" not in config.to_dict(load_text(tmp_path, ""))
