@@ -22,6 +22,7 @@ from llmd.lifecycle import EventSink, Lifecycle
 from llmd.models import LoadError, Model, MState, policy_inputs
 from llmd.process import Child
 from llmd.proxy import Proxy
+from llmd.scheduler import Scheduler
 from llmd.store import Store
 
 log = logging.getLogger("llmd.admin")
@@ -83,6 +84,7 @@ class Admin:
         *,
         backends: Backends,
         lifecycle: Lifecycle,
+        scheduler: Scheduler,
         store: Store,
         proxy: Proxy,
         connections: Connections,
@@ -92,6 +94,7 @@ class Admin:
         self.cfg = cfg
         self.backends = backends
         self.lifecycle = lifecycle
+        self.scheduler = scheduler
         self.store = store
         self.proxy = proxy
         self.connections = connections
@@ -224,9 +227,10 @@ class Admin:
         children = self.backends.children.values()
         running = sum(c.running for c in children)
         loaded = sum(m.state is MState.LOADED for m in self.lifecycle.models.values())
+        queued = sum(q.waiting for q in self.scheduler.stats())
         return (
             f"{running}/{len(children)} backends running, {loaded} models loaded, "
-            f"{self.proxy.in_flight} requests in flight"
+            f"{self.proxy.in_flight} requests in flight, {queued} queued"
         )
 
     def status_doc(self) -> dict[str, Any]:
@@ -262,6 +266,27 @@ class Admin:
             "models": self.models_doc(),
             "gpu": self._gpu_doc(),
             "store": self.store.status(),
+        }
+
+    def _queue(self, name: str) -> dict[str, Any]:
+        """A model's queue in llmd: waiting, running and their limits, what it turned away."""
+        q = self.scheduler.of(name)
+        mq = self.scheduler.max_queue(name)
+        if q is None:
+            return {"queue": {"waiting": 0, "running": 0, "max_queue": mq}}
+        return {
+            "queue": {
+                "waiting": q.waiting,
+                "running": q.running,
+                "limit": q.limit,
+                "max_queue": mq,
+                "oldest_wait_s": round(q.oldest_wait_s, 3),
+                "making_way": q.yielding,
+                "started": q.started,
+                "rejected": q.rejected,
+                "swaps": q.swaps,
+                "service_s": None if q.service_s is None else round(q.service_s, 3),
+            }
         }
 
     def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
@@ -327,6 +352,7 @@ class Admin:
                         else None
                     ),
                     "in_flight": m.in_flight if m else 0,
+                    **self._queue(name),
                     "size": m.size if m else 0,
                     "size_vram": m.size_vram if m else 0,
                     "loads": m.loads if m else 0,
@@ -362,6 +388,14 @@ class Admin:
                 metrics.GpuGauges(d.index, d.used_bytes, d.total_bytes)
                 for d in (snap.devices if snap is not None else [])
             ],
+            queues=[
+                metrics.QueueGauges(
+                    q.name, q.waiting, q.running, q.limit, q.yielding, q.rejected, q.swaps
+                )
+                for q in self.scheduler.stats()
+            ],
+            queue_waits=self.scheduler.waits,
+            batches=self.scheduler.batches,
         )
 
 

@@ -53,6 +53,7 @@ def error_response(request: web.Request, e: ProxyError) -> web.Response:
             401: "authentication_error",
             403: "permission_error",
             404: "not_found_error",
+            429: "rate_limit_error",
         }.get(e.status, "api_error")
         body = {"error": {"message": e.message, "type": kind, "param": None, "code": None}}
     else:

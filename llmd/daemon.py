@@ -35,6 +35,7 @@ from llmd.models import Model
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
 from llmd.proxy import Proxy
+from llmd.scheduler import Scheduler
 from llmd.store import RequestRecord, Store
 
 log = logging.getLogger("llmd")
@@ -74,6 +75,7 @@ class Daemon:
         self.store: Store
         self.backends: Backends
         self.lifecycle: Lifecycle
+        self.scheduler: Scheduler
         self.proxy: Proxy
         self.connections: Connections
         self.memory: Memory
@@ -119,10 +121,12 @@ class Daemon:
                 start_task=self._start_task,
                 on_loaded=self._loaded,
             )
+            self.scheduler = Scheduler(self.cfg, self.lifecycle)
             self.proxy = Proxy(
                 self.cfg,
                 self.backends,
                 self.lifecycle,
+                self.scheduler,
                 session=session,
                 record=self.record_request,
                 metrics=lambda: self.metrics.render(self.admin.metrics_snapshot()),
@@ -201,6 +205,7 @@ class Daemon:
             self.cfg,
             backends=self.backends,
             lifecycle=self.lifecycle,
+            scheduler=self.scheduler,
             store=self.store,
             proxy=self.proxy,
             connections=self.connections,
@@ -227,6 +232,7 @@ class Daemon:
         """Start-up, then the background loops, then the orderly shutdown."""
         tg = self._tg
         loops = [
+            tg.create_task(self.scheduler.run(), name="scheduler"),
             tg.create_task(self.lifecycle.run_timers(), name="keep-alive-timers"),
             tg.create_task(self._watch_reload(), name="reload"),
             tg.create_task(self.notifier.run_watchdog(), name="watchdog"),
@@ -389,7 +395,7 @@ class Daemon:
             await self._drain(self.backends.leaving(new))
             notes += await self.backends.configure(new)
             self.cfg = new
-            for part in (self.memory, self.lifecycle, self.proxy, self.admin):
+            for part in (self.memory, self.lifecycle, self.scheduler, self.proxy, self.admin):
                 part.configure(new)
             self.connections.configure(new.proxy)
             _warn_exposure(new)

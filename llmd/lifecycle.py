@@ -88,6 +88,16 @@ class Lifecycle:
         self._room_changed = asyncio.Event()
         self._generations: dict[str, int] = {}
         self._loads: set[asyncio.Task[None]] = set()
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, fn: Callable[[], None]) -> None:
+        """Call fn (synchronously, without arguments) after any model's state, in-flight count
+        or wait for memory changes: how the scheduler above hears of them."""
+        self._watchers.append(fn)
+
+    def _changed(self) -> None:
+        for fn in self._watchers:
+            fn()
 
     def configure(self, cfg: Config) -> None:
         """Take a reloaded config; idle timers keep their deadlines until `rearm`."""
@@ -161,6 +171,7 @@ class Lifecycle:
             self._room_changed.set()
         if event is not None:
             self._events.record_event(event, model=m.name, backend=m.backend, reason=reason)
+        self._changed()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -211,6 +222,18 @@ class Lifecycle:
             if m.state is MState.LOADED:
                 self._arm(m, now)
             self._room_changed.set()  # an idle model may now be evicted
+        self._changed()
+
+    def note_queue(self, name: str, queued: int, yielding: bool) -> None:
+        """The scheduler's word on a model: requests waiting in its queue (they keep the model
+        from being evicted, as in-flight ones do) and whether it is making way for another."""
+        m = self.runner_of(normalize_model(name))
+        if m is None or (m.queued, m.yielding) == (queued, yielding):
+            return
+        m.queued, m.yielding = queued, yielding
+        self._room_changed.set()  # a load waiting for memory looks again
+        if not m.busy and m.in_flight == 0 and m.state is MState.LOADED:
+            self._timers_changed.set()
 
     def _arm(self, m: Model, idle_since: float) -> None:
         """Start (or re-start) an idle model's keep-alive timer."""
@@ -334,21 +357,46 @@ class Lifecycle:
         if load is None:
             return  # admission is off
         started = self._clock()
-        while True:
-            try:
-                a = self.memory.admit(load, self.models.values(), waited_s=self._clock() - started)
-            except NoRoom as e:
-                raise LoadError(503, e.message, e.retry_after_s) from None
-            if a.admitted:
-                return
-            if a.victims:
-                await self._evict_all(a.victims, a.why, preempt=a.preempt)
-                await self.memory.await_recovery(load)
-                continue
-            self._room_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room_changed.wait(), a.wait_s)
-            await self.memory.look_again(load)
+        try:
+            while True:
+                try:
+                    waited_s = self._clock() - started
+                    a = self.memory.admit(load, self.models.values(), waited_s=waited_s)
+                except NoRoom as e:
+                    raise LoadError(503, e.message, e.retry_after_s) from None
+                if a.admitted:
+                    return
+                if a.victims:
+                    await self._evict_all(a.victims, a.why, preempt=a.preempt)
+                    await self.memory.await_recovery(load)
+                    continue
+                blockers = self.memory.blockers(load, self.models.values())
+                self._set_blocked(m, blockers)
+                if any(self._serving_batch(b) for b in blockers):
+                    # Their queues make way after a bounded batch (the scheduler's swap_batch):
+                    # gpu.admission_timeout counts from when they have.
+                    started = self._clock()
+                self._room_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room_changed.wait(), a.wait_s)
+                await self.memory.look_again(load)
+        finally:
+            self._set_blocked(m, ())
+
+    def _set_blocked(self, m: Model, blockers: tuple[str, ...]) -> None:
+        if blockers == m.blocked_by:
+            return
+        if not m.blocked_by:
+            m.blocked_since = self._clock()
+        elif not blockers:
+            m.blocked_since = None
+        m.blocked_by = blockers
+        self._changed()
+
+    def _serving_batch(self, name: str) -> bool:
+        """Whether a model blocking a load still has queued requests it will start first."""
+        b = self.models.get(name)
+        return b is not None and b.queued > 0 and not b.yielding
 
     async def _post_load(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
         """Ask the child to load the model and wait until it has."""
@@ -426,7 +474,7 @@ class Lifecycle:
             m = self.models.get(name)
             if m is None or m.state is not MState.LOADED:
                 continue
-            if m.in_flight == 0:
+            if not m.busy:
                 await self.evict(m, why)
             elif preempt:
                 await self.evict(m, why + "; preempted while busy")
@@ -486,7 +534,7 @@ class Lifecycle:
             for m in self.models.values()
             if m.deadline is not None
             and m.deadline <= now
-            and m.in_flight == 0
+            and not m.busy
             and m.state is MState.LOADED
         ]
         for m in self.models.values():
@@ -498,7 +546,7 @@ class Lifecycle:
             ):
                 self._prewarm(m)
         for m in due:
-            if m.in_flight == 0 and m.state is MState.LOADED:  # may have changed meanwhile
+            if not m.busy and m.state is MState.LOADED:  # may have changed meanwhile
                 ka = m.keep_alive
                 why = (
                     "unload requested"

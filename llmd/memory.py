@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -32,6 +33,8 @@ OLLAMA_PREFLIGHT = 0.8
 # (envconfig, v0.15.5+): below 23 GiB 4096, below 47 GiB 32768, else 262144.
 CONTEXT_TIERS = ((23 * GiB, 4096), (47 * GiB, 32768))
 BIG_CONTEXT = 262144
+# The priority a model making way for another counts with: below every configured one.
+YIELDING_PRIORITY = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -237,11 +240,14 @@ class Memory:
                 continue
             if child.cfg.gpus is not None and not indexes & set(child.cfg.gpus):
                 continue
+            inputs = policy_inputs(self.cfg, self._history, m.name, m)
+            if m.yielding:  # making way for a waiting model: the first to leave, for anyone
+                inputs = dataclasses.replace(inputs, priority=YIELDING_PRIORITY)
             out.append(
                 policy.candidate(
                     m.name,
-                    policy_inputs(self.cfg, self._history, m.name, m),
-                    in_flight=m.in_flight,
+                    inputs,
+                    in_flight=m.holding,
                     size_bytes=m.size_vram or m.size,
                     idle_s=0.0 if m.idle_since is None else now - m.idle_since,
                     hist=self._history.idle_histogram(m.name),
@@ -309,6 +315,21 @@ class Memory:
                 max(1, int(self.cfg.gpu.admission_timeout)),
             )
         return Admission(False, wait_s=min(RECHECK_S, left))
+
+    def blockers(self, load: ColdLoad, models: Collection[Model]) -> tuple[str, ...]:
+        """The busy models (requests in flight or queued) whose leaving would make room for a
+        waiting load: those llmd's scheduler can ask to make way. () when idle models or free
+        memory would do, or when nothing llmd could move would."""
+        name = load.model.name
+        need = load.footprint.bytes - self._room(load.devices, load.child, models, exclude=name)
+        if need <= 0:
+            return ()
+        cands = self._candidates(load.devices, models, name)
+        busy = {c.name for c in cands if c.in_flight > 0}
+        if not busy:
+            return ()
+        as_idle = [dataclasses.replace(c, in_flight=0) for c in cands]
+        return tuple(v for v in policy.choose_victims(as_idle, need) or () if v in busy)
 
     async def look_again(self, load: ColdLoad) -> None:
         """Re-read the GPUs for a waiting cold load."""

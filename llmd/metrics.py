@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmd.store import RequestRecord
 
@@ -46,24 +46,41 @@ class GpuGauges:
 
 
 @dataclass(frozen=True)
+class QueueGauges:
+    """One model's queue in llmd."""
+
+    name: str
+    waiting: int
+    running: int
+    limit: int
+    making_way: bool
+    rejected: dict[str, int]  # reason -> requests turned away
+    swaps: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The state /metrics shows besides the counters, as plain data (built by the admin layer)."""
 
     models: list[ModelGauges]
     backends: list[BackendGauges]
     gpus: list[GpuGauges]
+    queues: list[QueueGauges] = field(default_factory=list)
+    queue_waits: Histogram | None = None  # seconds from arrival to start, per model
+    batches: Histogram | None = None  # requests started per turn, per model
 
 
 class Histogram:
     """Cumulative buckets, a sum and a count, per label set."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
         self.buckets: dict[tuple[str, ...], list[int]] = {}
         self.sums: dict[tuple[str, ...], float] = {}
 
     def observe(self, labels: tuple[str, ...], value: float) -> None:
-        counts = self.buckets.setdefault(labels, [0] * (len(BUCKETS) + 1))
-        counts[bisect.bisect_left(BUCKETS, value)] += 1
+        counts = self.buckets.setdefault(labels, [0] * (len(self.bounds) + 1))
+        counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sums[labels] = self.sums.get(labels, 0.0) + value
 
 
@@ -123,7 +140,7 @@ class Metrics:
             out.append(f"# TYPE {name} histogram")
             for labels, counts in sorted(h.buckets.items()):
                 acc = 0
-                for bound, c in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+                for bound, c in zip((*map(str, h.bounds), "+Inf"), counts, strict=True):
                     acc += c
                     out.append(f"{name}_bucket{_labels(('model', 'le'), (*labels, bound))} {acc}")
                 out.append(f"{name}_sum{_labels(('model',), labels)} {_num(h.sums[labels])}")
@@ -203,6 +220,59 @@ class Metrics:
             "Restarts of the backend's child.",
             ((lab(("backend",), c.name), c.restarts) for c in children),
         )
+        queues = snap.queues
+        family(
+            "llmd_queue_waiting",
+            "gauge",
+            "Requests waiting in llmd's queue for the model (an autoscaler's signal).",
+            ((lab(("model",), q.name), q.waiting) for q in queues),
+        )
+        family(
+            "llmd_queue_running",
+            "gauge",
+            "Requests of the model running at its backend (they hold a queue slot).",
+            ((lab(("model",), q.name), q.running) for q in queues),
+        )
+        family(
+            "llmd_queue_limit",
+            "gauge",
+            "Requests the model may run at once (num_parallel; 1 for embedding models).",
+            ((lab(("model",), q.name), q.limit) for q in queues),
+        )
+        family(
+            "llmd_queue_making_way",
+            "gauge",
+            "1 while the model starts no requests so that a waiting model gets its memory.",
+            ((lab(("model",), q.name), float(q.making_way)) for q in queues),
+        )
+        family(
+            "llmd_queue_rejected_total",
+            "counter",
+            "Requests the queue turned away, by reason (queue_full: 429, queue_timeout: 503).",
+            (
+                (lab(("model", "reason"), q.name, reason), q.rejected.get(reason, 0))
+                for q in queues
+                for reason in ("queue_full", "queue_timeout")
+            ),
+        )
+        family(
+            "llmd_queue_swaps_total",
+            "counter",
+            "Times the model made way for another model with work waiting for its memory.",
+            ((lab(("model",), q.name), q.swaps) for q in queues),
+        )
+        if snap.queue_waits is not None:
+            hist(
+                "llmd_queue_wait_seconds",
+                "Time a request waited in llmd's queue before it started.",
+                snap.queue_waits,
+            )
+        if snap.batches is not None:
+            hist(
+                "llmd_swap_batch_requests",
+                "Requests a model started in one turn before it made way for another.",
+                snap.batches,
+            )
         devices = snap.gpus
         family(
             "llmd_gpu_memory_used_bytes",

@@ -101,11 +101,29 @@ class Model:
     prewarm_at: float | None = None  # monotonic time to reload an idle, unloaded model
     prewarm_expire_at: float | None = None
     prewarmed: bool = False  # loaded by pre-warm and not used since
+    # Told by the scheduler (Lifecycle.note_queue): requests waiting in llmd's queue for this
+    # model, and whether it is making way for another model that needs its memory.
+    queued: int = 0
+    yielding: bool = False
+    # While its load waits for memory: the busy models whose leaving would make room.
+    blocked_by: tuple[str, ...] = ()
+    blocked_since: float | None = None
 
     @property
     def resident(self) -> bool:
         """Whether it holds (or is about to hold) memory in its child."""
         return self.state in (MState.LOADED, MState.LOADING)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight, or waiting in llmd's queue to start, unless it is making way."""
+        return self.in_flight > 0 or (self.queued > 0 and not self.yielding)
+
+    @property
+    def holding(self) -> int:
+        """What keeps it from being evicted: in-flight requests and, unless it is making way,
+        queued ones about to start."""
+        return self.in_flight + (0 if self.yielding else self.queued)
 
 
 class Facts(Protocol):

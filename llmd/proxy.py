@@ -46,6 +46,7 @@ from llmd.ollama_errors import (
     not_an_object,
 )
 from llmd.process import Child
+from llmd.scheduler import Rejected, Scheduler
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware  # a Protocol in aiohttp >= 3.9
@@ -68,6 +69,7 @@ class Proxy:
         cfg: Config,
         backends: Backends,
         lifecycle: Lifecycle,
+        scheduler: Scheduler,
         *,
         session: aiohttp.ClientSession,
         record: RecordFn,
@@ -76,6 +78,7 @@ class Proxy:
         self.cfg = cfg
         self.backends = backends
         self.lifecycle = lifecycle
+        self.scheduler = scheduler
         self._forwarder = Forwarder(session, record, lambda: self.draining)
         self._merged = Merged(backends, lifecycle)
         self._metrics = metrics
@@ -307,8 +310,14 @@ class Proxy:
         data = Upload(self._dump(body), self._holds.get(_task()))
         t0 = time.time()
         try:
-            async with self.lifecycle.lease(name, child, options) as lease:
+            async with (
+                self.scheduler.turn(name, child),
+                self.lifecycle.lease(name, child, options) as lease,
+            ):
                 return await self._forwarder.forward(request, lease.child, data, lease, t0)
+        except Rejected as e:
+            self._forwarder.record(name, request.path, e.status, t0, None, False, None, b"")
+            raise ProxyError(e.status, e.message, {"Retry-After": str(e.retry_after_s)}) from None
         except LoadError as e:
             self._forwarder.record(name, request.path, e.status, t0, None, True, None, b"")
             retry = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s else None

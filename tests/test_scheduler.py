@@ -1,0 +1,213 @@
+"""The scheduler's queues over the real lifecycle and memory, in-process: fake children and probe
+(one 16 GiB GPU) and a fake clock for ranks and aging (see fakes.rig)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from fakes import Rig, make_config, rig
+
+from llmd.config import Config, from_dict, to_dict
+from llmd.scheduler import Rejected, Scheduler
+
+
+async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.001)
+
+
+def config(
+    models: list[dict[str, Any]], parallel: int = 1, admission: str = "30s", **scheduler: Any
+) -> Config:
+    """The rig's config (see fakes.make_config) with num_parallel and [scheduler] keys."""
+    base = to_dict(make_config(models, gpu={"admission_timeout": admission}))
+    base["backend"][0]["num_parallel"] = parallel
+    base["scheduler"] = scheduler
+    return from_dict(base)
+
+
+class Traffic:
+    """Requests through the scheduler and the lifecycle, each held until released."""
+
+    def __init__(self, r: Rig, s: Scheduler) -> None:
+        self.r, self.s = r, s
+        self.started: list[str] = []  # request ids in the order they reached the model
+        self.gates: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def send(self, model: str, rid: str) -> asyncio.Task[None]:
+        gate = self.gates[rid] = asyncio.Event()
+
+        async def request() -> None:
+            async with self.s.turn(model, self.r.child), self.r.lc.lease(model, self.r.child):
+                self.started.append(rid)
+                await gate.wait()
+
+        task = self.tasks[rid] = self.r.start(request(), rid)
+        return task
+
+    async def finish(self, rid: str) -> None:
+        self.gates[rid].set()
+        await self.tasks[rid]
+
+
+@asynccontextmanager
+async def sched(models: list[dict[str, Any]], **kw: Any) -> AsyncIterator[tuple[Rig, Traffic]]:
+    async with rig(config(models, **kw)) as r:
+        s = Scheduler(r.cfg, r.lc, clock=r.clock)
+        r.start(s.run(), "scheduler")
+        yield r, Traffic(r, s)
+
+
+async def test_at_most_num_parallel_run_and_the_rest_start_in_arrival_order() -> None:
+    async with sched([], parallel=2) as (r, t):
+        r.add("a:1b", 2)
+        for i in range(5):
+            t.send("a:1b", f"a{i}")
+            await asyncio.sleep(0)
+        await wait_until(lambda: len(t.started) == 2)
+        await asyncio.sleep(0.05)
+        assert sorted(t.started) == ["a0", "a1"]  # they shared one load
+        q = t.s.of("a:1b")
+        assert q is not None and (q.running, q.waiting) == (2, 3)
+        await t.finish("a1")
+        await wait_until(lambda: len(t.started) == 3)
+        await t.finish("a0")
+        await wait_until(lambda: len(t.started) == 4)
+        assert t.started[2:] == ["a2", "a3"]
+        # The queued requests counted as keeping the model busy while they waited.
+        m = r.lc.models["a:1b"]
+        assert m.queued == 1 and m.busy
+
+
+async def test_a_full_queue_answers_429_with_a_retry_after_from_the_service_time() -> None:
+    async with sched([{"name": "a:1b", "max_queue": 2}]) as (r, t):
+        r.add("a:1b", 2)
+        t.send("a:1b", "first")
+        await wait_until(lambda: t.started == ["first"])
+        r.clock.advance(4.0)  # the first request holds its slot 4 s (fake clock)
+        await t.finish("first")
+        t.send("a:1b", "a0")
+        await wait_until(lambda: len(t.started) == 2)
+        t.send("a:1b", "w1")
+        t.send("a:1b", "w2")
+        await wait_until(lambda: t.s.of("a:1b").waiting == 2)  # type: ignore[union-attr]
+        with pytest.raises(Rejected) as e:
+            async with t.s.turn("a:1b", r.child):
+                pass
+        assert e.value.status == 429 and e.value.reason == "queue_full"
+        assert "max_queue = 2" in e.value.message and "a:1b" in e.value.message
+        # Three requests ahead (two waiting, this one) at 4 s each, one at a time.
+        assert e.value.retry_after_s == 12
+        assert t.s.of("a:1b").rejected == {"queue_full": 1}  # type: ignore[union-attr]
+
+
+async def test_a_request_waiting_past_queue_timeout_gets_503_and_leaves_the_queue() -> None:
+    async with sched([{"name": "a:1b", "queue_timeout": "0.2s"}]) as (r, t):
+        r.add("a:1b", 2)
+        t.send("a:1b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        with pytest.raises(Rejected) as e:
+            async with t.s.turn("a:1b", r.child):
+                pass
+        assert e.value.status == 503 and e.value.reason == "queue_timeout"
+        assert "queue_timeout" in e.value.message and e.value.retry_after_s >= 1
+        q = t.s.of("a:1b")
+        assert q is not None and q.waiting == 0 and q.running == 1
+
+
+async def test_a_cancelled_waiter_leaves_at_once_and_the_next_one_starts() -> None:
+    async with sched([]) as (r, t):
+        r.add("a:1b", 2)
+        t.send("a:1b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        gone = t.send("a:1b", "gone")
+        t.send("a:1b", "a2")
+        await wait_until(lambda: t.s.of("a:1b").waiting == 2)  # type: ignore[union-attr]
+        gone.cancel()
+        await wait_until(lambda: t.s.of("a:1b").waiting == 1)  # type: ignore[union-attr]
+        await t.finish("a0")
+        await wait_until(lambda: len(t.started) == 2)
+        assert t.started == ["a0", "a2"]
+        assert r.lc.models["a:1b"].queued == 0
+
+
+SWAP = [{"name": "a:10b"}, {"name": "b:10b"}]  # 10 GiB each: not both in 16 GiB
+
+
+async def test_models_that_cannot_share_the_gpu_take_turns_in_batches() -> None:
+    """A holds the memory with work queued; B waits for it. A starts swap_batch more requests,
+    then makes way; B loads and runs; then A's queue goes on."""
+    async with sched(SWAP, swap_batch=2) as (r, t):
+        r.add("a:10b", 10)
+        r.add("b:10b", 10)
+        t.send("a:10b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        for i in range(1, 5):
+            t.send("a:10b", f"a{i}")
+        await asyncio.sleep(0.01)
+        t.send("b:10b", "b0")
+        await wait_until(lambda: r.lc.models.get("b:10b") is not None)
+        await wait_until(lambda: r.lc.models["b:10b"].blocked_by == ("a:10b",))
+        for rid in ("a0", "a1", "a2"):
+            await wait_until(lambda rid=rid: rid in t.started)  # type: ignore[misc]
+            await t.finish(rid)
+        # A made way after its batch of two; B was loaded in its place.
+        await wait_until(lambda: "b0" in t.started)
+        assert t.started == ["a0", "a1", "a2", "b0"]
+        assert ("unload", "a:10b") in r.api.calls
+        qa = t.s.of("a:10b")
+        assert qa is not None and qa.swaps == 1
+        # A's next request now waits for B's memory in turn.
+        await wait_until(lambda: r.lc.models["a:10b"].blocked_by == ("b:10b",))
+        await t.finish("b0")
+        await wait_until(lambda: "a3" in t.started)
+        assert r.api.calls.count(("load", "a:10b")) == 2
+        assert r.api.calls.count(("load", "b:10b")) == 1
+
+
+async def test_a_more_important_waiting_model_gets_the_memory_after_what_is_in_flight() -> None:
+    models = [{"name": "a:10b", "priority": 5}, {"name": "b:10b", "priority": 1}]
+    async with sched(models, swap_batch=8) as (r, t):
+        r.add("a:10b", 10)
+        r.add("b:10b", 10)
+        t.send("a:10b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        t.send("a:10b", "a1")
+        t.send("a:10b", "a2")
+        await asyncio.sleep(0.01)
+        t.send("b:10b", "b0")
+        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
+        await t.finish("a0")
+        await wait_until(lambda: "b0" in t.started)
+        assert t.started == ["a0", "b0"]
+
+
+async def test_aging_lets_a_waiting_unimportant_model_outrank_fresh_important_requests() -> None:
+    models = [{"name": "a:10b", "priority": 1}, {"name": "b:10b", "priority": 5}]
+    # The fake clock jumps 2 minutes: admission must not give up on b0 meanwhile.
+    async with sched(models, swap_batch=100, aging="30s", admission="10m") as (r, t):
+        r.add("a:10b", 10)
+        r.add("b:10b", 10)
+        t.send("a:10b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        t.send("b:10b", "b0")
+        await wait_until(lambda: r.lc.models.get("b:10b") is not None)
+        await wait_until(lambda: r.lc.models["b:10b"].blocked_by == ("a:10b",))
+        t.send("a:10b", "a1")  # fresh and more important: goes first
+        await asyncio.sleep(0.05)
+        await t.finish("a0")
+        await wait_until(lambda: "a1" in t.started)
+        assert not t.s.of("a:10b").yielding  # type: ignore[union-attr]
+        # Four priority levels apart: after 4 x 30 s of waiting, b0 outranks a fresh a2.
+        r.clock.advance(121.0)
+        t.send("a:10b", "a2")
+        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
+        await t.finish("a1")
+        await wait_until(lambda: "b0" in t.started)
+        assert t.started == ["a0", "a1", "b0"]
