@@ -357,6 +357,9 @@ class Admin:
                     "size_vram": m.size_vram if m else 0,
                     "loads": m.loads if m else 0,
                     "last_load_s": m.last_load_s if m else None,
+                    "runner_options": m.runner_options if m and m.resident else None,
+                    "context_length": m.context_length if m and m.resident else None,
+                    "options_overridden": m.options_overridden if m else 0,
                     **self._footprint(name, m, backend),
                 }
             )
@@ -376,6 +379,7 @@ class Admin:
                     vram_bytes=m.size_vram,
                     keep_alive_s=ka.keep_alive_s,
                     keep_alive_source=ka.source,
+                    options_overridden=m.options_overridden,
                 )
                 for m in models
                 for ka in [self.lifecycle.keep_alive_of(m)]

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmd import models as modelinfo
+from llmd import runneropts
 from llmd.backends import Backends, StartTask
 from llmd.childapi import ChildAPIError, Runner
-from llmd.config import RUNNER_OPTIONS, Config, normalize_model
+from llmd.config import Config, normalize_model
 from llmd.memory import Memory
 from llmd.models import TRANSITIONS, History, KeepAlive, LoadError, Model, MState, NoRoom
 from llmd.process import Child
@@ -89,6 +90,7 @@ class Lifecycle:
         self._generations: dict[str, int] = {}
         self._loads: set[asyncio.Task[None]] = set()
         self._watchers: list[Callable[[], None]] = []
+        self._told: set[tuple[str, str]] = set()  # (model, what): said once in the log
 
     def watch(self, fn: Callable[[], None]) -> None:
         """Call fn (synchronously, without arguments) after any model's state, in-flight count
@@ -214,6 +216,68 @@ class Lifecycle:
                 m.holders.discard(task)
             self._release(m)
 
+    def fit_options(
+        self, name: str, child: Child, body: dict[str, Any], *, native: bool
+    ) -> dict[str, Any] | None:
+        """Rewrite a request's runner options to those its model is (or will be) loaded with,
+        so that the child serves it without reloading the model; return the options a load for
+        it uses. Call it just before `lease`, with no wait between (the model's state decides).
+
+        The configured `options` always win; else, while the model is resident, the runner
+        options of its load do; `reload_on_options = true` leaves requests as Ollama takes them.
+        A /v1 request carries no options: Ollama serves it with its defaults (and reloads a
+        model loaded with others), so it is left alone and the loaded runner noted as default.
+        """
+        m = self._for_request(name, child)
+        options = body.get("options")
+        asked = options if isinstance(options, dict) else None
+        if not native:
+            if m.resident and m.runner_options:
+                self._tell_once(
+                    m.name,
+                    "v1",
+                    "%s: /v1 requests cannot carry runner options, so Ollama reloads it with "
+                    "its defaults instead of %s (see README, /v1 and runner options)",
+                    m.name,
+                    m.runner_options,
+                )
+                m.runner_options = {}
+            return None
+        mc = self.cfg.model(m.name)
+        fixed: runneropts.RunnerOptions | None = mc.options if mc and mc.options else None
+        if fixed is None and m.resident and not (mc and mc.reload_on_options):
+            fixed = m.runner_options
+        if fixed is None:  # the request decides the load, or the child reloads as Ollama does
+            if m.resident:
+                m.runner_options = runneropts.runner_subset(asked)
+            return dict(asked) if asked is not None else None
+        fitted = runneropts.fit(asked, fixed)
+        if fitted.options is not None:
+            body["options"] = fitted.options
+        if m.resident:
+            m.runner_options = dict(fixed)
+        if fitted.overridden:
+            m.options_overridden += 1
+            log.debug("%s: runner options %s of a request replaced", m.name, fitted.overridden)
+        loaded_ctx = fixed.get("num_ctx", m.context_length if m.resident else None)
+        if fitted.asked_ctx is not None and loaded_ctx and fitted.asked_ctx > loaded_ctx:
+            self._tell_once(
+                m.name,
+                "num_ctx",
+                "%s: a client asked for num_ctx %d; it is served with %d, as %s (only this "
+                "first time is logged)",
+                m.name,
+                fitted.asked_ctx,
+                loaded_ctx,
+                "configured" if mc and mc.options else "loaded",
+            )
+        return fitted.options
+
+    def _tell_once(self, model: str, what: str, msg: str, *args: object) -> None:
+        if (model, what) not in self._told:
+            self._told.add((model, what))
+            log.info(msg, *args)
+
     def _release(self, m: Model) -> None:
         m.in_flight -= 1
         if m.in_flight == 0:
@@ -274,7 +338,10 @@ class Lifecycle:
         self._set_state(m, MState.LOADING)
         m.backend = child.name
         m.unload_when_idle = False
-        runner = {k: v for k, v in (options or {}).items() if k in RUNNER_OPTIONS}
+        # The configured runner options, else the request's: admission sizes the same load.
+        mc = self.cfg.model(m.name)
+        runner = dict(mc.options) if mc and mc.options else runneropts.runner_subset(options)
+        m.runner_options = runner
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         m.load_task = done
         task = self._start_task(self._run_load(done, m, child, runner, reason), f"load-{m.name}")
@@ -437,6 +504,7 @@ class Lifecycle:
                 m.size = r.size
                 m.size_vram = r.size_vram
                 m.digest = r.digest or m.digest
+                m.context_length = _context_length(r)
 
     # -- operator and client requests -------------------------------------------------------------
 
@@ -573,7 +641,10 @@ class Lifecycle:
         if child is None or not child.running:
             return
         m.prewarmed = True
-        self._start_load(m, child, None, reason="pre-warm for its predicted next request")
+        # As its last load was: a pre-warm with other runner options would be reloaded.
+        self._start_load(
+            m, child, m.runner_options, reason="pre-warm for its predicted next request"
+        )
 
     async def run_pressure(self) -> None:
         """Every [gpu] interval: above the high watermark, evict idle models to the low one."""
@@ -643,7 +714,9 @@ class Lifecycle:
                 m.size = r.size
                 m.size_vram = r.size_vram
                 m.digest = r.digest or m.digest
+                m.context_length = _context_length(r)
                 if m.state is MState.UNLOADED:
+                    m.runner_options = None  # loaded outside llmd, with options unknown
                     self._set_state(
                         m, MState.LOADED, event="load", reason="found loaded in backend"
                     )
@@ -705,6 +778,12 @@ def _is_runner_of(r: Runner, m: Model) -> bool:
     if r.name == m.name:
         return True
     return m.digest is not None and r.digest == m.digest
+
+
+def _context_length(r: Runner) -> int | None:
+    """The context a runner was loaded with, from /api/ps (Ollama 0.10 and later)."""
+    n = r.raw.get("context_length")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _fmt_s(s: float) -> str:

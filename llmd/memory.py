@@ -426,7 +426,9 @@ class Memory:
             if child is None or not child.running:
                 continue
             m = models.get(name) or Model(name, child.name)  # a read: record nothing
-            fp = await self.footprint(m, child, self.devices_of(child, snap), {})
+            mc = cfg.model(name)
+            options = dict(mc.options) if mc is not None else {}  # as it will be loaded
+            fp = await self.footprint(m, child, self.devices_of(child, snap), options)
             if fp.bytes:
                 sizes[name] = fp.bytes
         g = cfg.gpu

@@ -25,6 +25,7 @@ class ModelGauges:
     vram_bytes: int
     keep_alive_s: float | None  # None: forever
     keep_alive_source: str
+    options_overridden: int = 0  # requests whose runner options llmd replaced
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,12 @@ class Metrics:
                 )
                 for m in models
             ),
+        )
+        family(
+            "llmd_runner_options_overridden_total",
+            "counter",
+            "Requests whose runner options (num_ctx...) llmd replaced by the loaded ones.",
+            ((lab(("model",), m.name), m.options_overridden) for m in models),
         )
         children = snap.backends
         family(

@@ -108,6 +108,11 @@ class Model:
     # While its load waits for memory: the busy models whose leaving would make room.
     blocked_by: tuple[str, ...] = ()
     blocked_since: float | None = None
+    # The runner options of its last load (None: not known, as for one loaded outside llmd);
+    # while it is resident, requests are sent with these (see runneropts).
+    runner_options: dict[str, int | bool] | None = None
+    context_length: int | None = None  # as the child's /api/ps last listed it
+    options_overridden: int = 0  # requests whose runner options llmd replaced
 
     @property
     def resident(self) -> bool:

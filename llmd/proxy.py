@@ -305,16 +305,16 @@ class Proxy:
                 check_runner_options(options)
             except ValueError as e:
                 raise ProxyError(400, str(e)) from None
-        options = dict(options) if isinstance(options, dict) else None
-        # Made before a load, so that the parsed body is freed while the load runs.
-        data = Upload(self._dump(body), self._holds.get(_task()))
         t0 = time.time()
         try:
-            async with (
-                self.scheduler.turn(name, child),
-                self.lifecycle.lease(name, child, options) as lease,
-            ):
-                return await self._forwarder.forward(request, lease.child, data, lease, t0)
+            async with self.scheduler.turn(name, child):
+                # The model's state as the request's turn comes decides its runner options
+                # (no await from here to the lease, which may start a load with them).
+                options = self.lifecycle.fit_options(name, child, body, native=native)
+                # Made before a load, so that the parsed body is freed while the load runs.
+                data = Upload(self._dump(body), self._holds.get(_task()))
+                async with self.lifecycle.lease(name, child, options) as lease:
+                    return await self._forwarder.forward(request, lease.child, data, lease, t0)
         except Rejected as e:
             self._forwarder.record(name, request.path, e.status, t0, None, False, None, b"")
             raise ProxyError(e.status, e.message, {"Retry-After": str(e.retry_after_s)}) from None

@@ -53,6 +53,7 @@ class FakeChildAPI:
         self.unload_gates: dict[str, asyncio.Event] = {}  # an unload waits for its gate
         self.pulled: list[Pulled] = []
         self.calls: list[tuple[str, str]] = []
+        self.load_options: list[tuple[str, dict[str, Any]]] = []  # (name, options) per load
 
     def model(self, name: str, size: int, vram: int | None = None, digest: str = "") -> None:
         """Say what a model takes once loaded (all of it on the GPU unless `vram` says less)."""
@@ -77,6 +78,7 @@ class FakeChildAPI:
 
     async def load(self, name: str, options: dict[str, Any], *, embedding: bool) -> bool:
         self.calls.append(("load", name))
+        self.load_options.append((name, dict(options)))
         gate = self.gates.get(name)
         if gate is not None:
             await gate.wait()
