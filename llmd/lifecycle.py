@@ -229,21 +229,25 @@ class Lifecycle:
         model loaded with others), so it is left alone and the loaded runner noted as default.
         """
         m = self._for_request(name, child)
+        mc = self.cfg.model(m.name)
         options = body.get("options")
         asked = options if isinstance(options, dict) else None
         if not native:
-            if m.resident and m.runner_options:
+            runner = m.runner_options if m.resident else (mc.options if mc else None)
+            if runner and dict(runner) != runneropts.ollama_defaults(child.cfg.env):
                 self._tell_once(
                     m.name,
                     "v1",
-                    "%s: /v1 requests cannot carry runner options, so Ollama reloads it with "
-                    "its defaults instead of %s (see README, /v1 and runner options)",
+                    "%s: /v1 requests cannot carry runner options, so Ollama reloads it with its "
+                    "defaults instead of %s (a backend whose env has OLLAMA_CONTEXT_LENGTH set to "
+                    "the model's num_ctx serves them without a reload, if num_ctx is its only "
+                    "runner option)",
                     m.name,
-                    m.runner_options,
+                    dict(runner),
                 )
-                m.runner_options = {}
+                if m.resident:
+                    m.runner_options = {}
             return None
-        mc = self.cfg.model(m.name)
         fixed: runneropts.RunnerOptions | None = mc.options if mc and mc.options else None
         if fixed is None and m.resident and not (mc and mc.reload_on_options):
             fixed = m.runner_options

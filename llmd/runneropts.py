@@ -47,6 +47,13 @@ def fit(options: Mapping[str, Any] | None, runner: RunnerOptions) -> Fitted:
     return Fitted(out, overridden, asked_ctx)
 
 
+def ollama_defaults(env: Mapping[str, str]) -> dict[str, int | bool]:
+    """The runner options Ollama gives a request that sets none (as every /v1 request), as far
+    as they can be set: num_ctx from the child's OLLAMA_CONTEXT_LENGTH, if set."""
+    ctx = env.get("OLLAMA_CONTEXT_LENGTH", "").strip()
+    return {"num_ctx": int(ctx)} if ctx.isdigit() and int(ctx) > 0 else {}
+
+
 def _value(key: str, v: Any) -> int | bool:
     """An option as Ollama reads it: Go converts a JSON number to int by truncation."""
     if key in RUNNER_BOOL_OPTIONS:

@@ -135,3 +135,21 @@ def test_v1_requests_get_ollamas_default_runner_options(daemon: Factory) -> None
     assert child_ctx(d, TINY) == 4096
     assert runner_starts(d, TINY) == 2
     wait_for(lambda: "/v1 requests cannot carry runner options" in d.logs(), what="the notice")
+
+
+def test_v1_is_served_without_reload_when_the_backend_default_matches(daemon: Factory) -> None:
+    """The documented remedy for /v1: a backend whose OLLAMA_CONTEXT_LENGTH equals the model's
+    configured num_ctx serves /v1 requests (and native ones) with the one load llmd made."""
+    d = daemon(
+        models=[{"name": TINY, "options": {"num_ctx": 2048}}],
+        backend_extra=[{"env": {"OLLAMA_CONTEXT_LENGTH": "2048"}}],
+    ).start()
+    chat = {"model": TINY, "messages": [{"role": "user", "content": "hi"}]}
+    status, doc = post(d, "/v1/chat/completions", chat)
+    assert status == 200, doc
+    generate(d, {"num_ctx": 8192})
+    status, doc = post(d, "/v1/completions", {"model": TINY, "prompt": "hi"})
+    assert status == 200, doc
+    assert child_ctx(d, TINY) == 2048
+    assert runner_starts(d, TINY) == 1
+    assert "/v1 requests cannot carry runner options" not in d.logs()

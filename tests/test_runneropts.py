@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fakes import Rig, make_config, rig
 
-from llmd.runneropts import fit, runner_subset
+from llmd.runneropts import fit, ollama_defaults, runner_subset
 
 
 @pytest.mark.parametrize(
@@ -178,3 +178,18 @@ async def test_a_larger_num_ctx_is_logged_once(caplog: pytest.LogCaptureFixture)
         assert [rec.levelno for rec in said] == [logging.INFO]
         assert "num_ctx 8192" in said[0].getMessage() and "4096" in said[0].getMessage()
         assert r.lc.models[MODEL].options_overridden == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "defaults"),
+    [
+        ({}, {}),
+        ({"OLLAMA_CONTEXT_LENGTH": "8192"}, {"num_ctx": 8192}),
+        ({"OLLAMA_CONTEXT_LENGTH": " 2048 "}, {"num_ctx": 2048}),
+        ({"OLLAMA_CONTEXT_LENGTH": "0"}, {}),  # 0: Ollama's automatic context
+        ({"OLLAMA_CONTEXT_LENGTH": "8k"}, {}),
+    ],
+)
+def test_ollama_defaults(env: dict[str, str], defaults: dict[str, int]) -> None:
+    """The runner options a child gives a request without options (every /v1 request)."""
+    assert ollama_defaults(env) == defaults
