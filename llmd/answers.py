@@ -85,6 +85,23 @@ def no_backend(
     return ProxyError(503, why, {"Retry-After": str(child.retry_after_s())})
 
 
+def not_started(child: Child, waited_s: float, model: str | None = None) -> ProxyError:
+    """503 for a request that waited its backend's start_timeout for the backend to come up.
+
+    `model`: the request's model, when the backend was awaited because it may have it."""
+    st = child.status()
+    state = f"{st.state}: {st.error}" if st.error else st.state
+    who = f"backend {child.name!r}"
+    if model is not None:
+        who = f"model {model!r} is not on any backend listed so far; {who}, which may have it,"
+    return ProxyError(
+        503,
+        f"{who} did not become ready within its start_timeout ({waited_s:g}s) of this "
+        f"request's arrival: it is {state}",
+        {"Retry-After": str(child.retry_after_s())},
+    )
+
+
 def unreadable(e: BaseException) -> ProxyError:
     """400 for a body that cannot be read as sent (bad chunking or content encoding)."""
     why = " ".join(str(getattr(e, "message", "") or e.__cause__ or e).split())

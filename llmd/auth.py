@@ -19,7 +19,7 @@ OPENAI_INFERENCE = (
     "/v1/messages",
 )
 # Health checks answer GET and HEAD without an API key; any other method needs one.
-OPEN_PATHS = frozenset({"/", "/healthz"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 # Paths an inference key may use: they run or describe a model. Model management (pull, push,
 # create, copy, delete, blobs) and any other write need a key from proxy.api_keys.
 INFERENCE_PATHS = frozenset((*NATIVE_INFERENCE, *OPENAI_INFERENCE, "/api/show"))

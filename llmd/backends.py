@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -14,7 +16,7 @@ import psutil
 
 from llmd.childapi import Pulled
 from llmd.config import BackendConfig, Config, diff_backends, normalize_model
-from llmd.process import CHILD_MARKER, Child, SpawnFn, default_spawn
+from llmd.process import CHILD_MARKER, Child, SpawnFn, State, default_spawn
 
 log = logging.getLogger("llmd.backends")
 
@@ -44,6 +46,11 @@ class Backends:
         self._tags: dict[str, list[Pulled]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._tags_failing: set[str] = set()
+        self._listing: set[str] = set()  # children whose models are being listed as they start
+        # Replaced and set at every child state change or model list: wakes the waiters.
+        self._changed = asyncio.Event()
+        self._closing = False
+        self.waiting = 0  # requests waiting for a child to come up
         for b in cfg.backends:  # shown as stopped (and their models as not known) until start()
             self._add_child(b)
 
@@ -66,6 +73,7 @@ class Backends:
             session=self._session,
             spawn=self._spawn,
             on_exit=self._on_exit,
+            on_change=self._child_changed,
         )
         self.children[b.name] = child
         return child
@@ -113,7 +121,80 @@ class Backends:
         for b in new.backends:
             if b.name in self.children:
                 self.children[b.name].configure(b)
+        self._poke()  # waiters on a child that left look again
         return notes
+
+    # -- waiting for children to come up ----------------------------------------------------------
+
+    def coming_up(self) -> list[Child]:
+        """The children not running now that will be without anyone's action (Child.coming_up)."""
+        return [c for c in self.children.values() if c.coming_up]
+
+    def listed(self, backend: str) -> bool:
+        """Whether a backend's models are known (its /api/tags answered at least once)."""
+        return backend in self._tags
+
+    async def wait_running(self, child: Child, deadline: float) -> bool:
+        """Wait while `child` is coming up, until `deadline` (time.monotonic()); whether it is
+        running at the end."""
+        await self.wait_for(lambda: not child.coming_up, deadline)
+        return child.running
+
+    async def wait_any_running(self, deadline: float) -> bool:
+        """Wait until some child is running, while any is coming up, until `deadline`; whether
+        one is running at the end."""
+        await self.wait_for(
+            lambda: self.first_running() is not None or not self.coming_up(), deadline
+        )
+        return self.first_running() is not None
+
+    async def wait_for(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ready() holds, looking again at every child state change and model list,
+        until `deadline` (time.monotonic()) or stop_waiting(); whether it holds.
+
+        A waiter that is cancelled (its client went away) simply leaves: it holds nothing."""
+        self.waiting += 1
+        try:
+            while not ready():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+            return True
+        finally:
+            self.waiting -= 1
+
+    def stop_waiting(self) -> None:
+        """End every wait for a child now and refuse new ones (llmd is shutting down)."""
+        self._closing = True
+        self._poke()
+
+    def _poke(self) -> None:
+        woken, self._changed = self._changed, asyncio.Event()
+        woken.set()
+
+    def _child_changed(self, child: Child, old: State, new: State) -> None:
+        """A child changed state: list the models of one that came up unlisted, and wake the
+        waiters."""
+        name = child.name
+        unlisted = name not in self._tags and name not in self._listing
+        if new is State.RUNNING and unlisted and self.children.get(name) is child:
+            self._listing.add(name)
+            self._start_task(self._list_models(child), f"tags-{name}")
+        self._poke()
+
+    async def _list_models(self, child: Child) -> None:
+        """Read one child's /api/tags as it comes up (a task of the daemon's TaskGroup: never
+        raises), so that its models are known without waiting for a request to ask."""
+        try:
+            res: list[Pulled] | BaseException = await child.api.tags()
+        except Exception as e:
+            res = e
+        finally:
+            self._listing.discard(child.name)
+        if self.children.get(child.name) is child:
+            self._record_tags(child, res)
 
     # -- placement --------------------------------------------------------------------------------
 
@@ -170,7 +251,8 @@ class Backends:
         the message for that case (the proxy words it as Ollama would for the endpoint)."""
         not_found = not_found or f"model '{model}' not found"
         unlisted = [c for name, c in self.children.items() if name not in self._tags]
-        waiting = [c for c in unlisted if not c.fatal]
+        # One coming up first: a request may wait for it (see Proxy._located).
+        waiting = sorted((c for c in unlisted if not c.fatal), key=lambda c: not c.coming_up)
         if waiting:
             c = waiting[0]
             why = c.error or ("its /api/tags failed" if c.running else c.state.value)
@@ -196,18 +278,24 @@ class Backends:
         running = [c for c in self.children.values() if c.running]
         results = await asyncio.gather(*(c.api.tags() for c in running), return_exceptions=True)
         for child, res in zip(running, results, strict=True):
-            if isinstance(res, list):
-                self._tags[child.name] = res
-                if child.name in self._tags_failing:
-                    self._tags_failing.discard(child.name)
-                    log.info("backend %s: its models can be listed again", child.name)
-            elif child.name not in self._tags_failing:  # once per failure, not every scan
-                self._tags_failing.add(child.name)
-                log.warning("backend %s: could not list its models: %s", child.name, _why(res))
+            self._record_tags(child, res)
+
+    def _record_tags(self, child: Child, res: list[Pulled] | BaseException) -> None:
+        """One child's /api/tags answer, or why there was none."""
+        if isinstance(res, list):
+            self._tags[child.name] = res
+            self._poke()
+            if child.name in self._tags_failing:
+                self._tags_failing.discard(child.name)
+                log.info("backend %s: its models can be listed again", child.name)
+        elif child.name not in self._tags_failing:  # once per failure, not every scan
+            self._tags_failing.add(child.name)
+            log.warning("backend %s: could not list its models: %s", child.name, _why(res))
 
     def set_tags(self, backend: str, models: list[Pulled]) -> None:
         """Record what a backend's /api/tags just said."""
         self._tags[backend] = models
+        self._poke()
 
     def tags(self, backend: str) -> list[Pulled]:
         """The last /api/tags models seen on a backend."""

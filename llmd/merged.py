@@ -1,4 +1,4 @@
-"""The merged views across children: /healthz, /api/tags, /api/ps and /v1/models."""
+"""The merged views across children: /healthz, /readyz, /api/tags, /api/ps and /v1/models."""
 
 from __future__ import annotations
 
@@ -43,6 +43,31 @@ class Merged:
             status=200 if answering else 503,
             headers=None if answering else {"Retry-After": str(RETRY_AFTER_S)},
         )
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """200 when every backend is running and its models are known, so that a load balancer
+        may send traffic; else 503 naming each backend that is not ready and why."""
+        children = list(self.backends.children.values())
+        not_ready: dict[str, str] = {}
+        for c in children:
+            if not c.running:
+                not_ready[c.name] = f"{c.state.value}: {c.error}" if c.error else c.state.value
+            elif not self.backends.listed(c.name):
+                not_ready[c.name] = "running, but its models are not listed yet"
+        ready = bool(children) and not not_ready
+        body: dict[str, Any] = {
+            "ready": ready,
+            "backends": {c.name: c.state.value for c in children},
+        }
+        if not ready:
+            body["not_ready"] = not_ready
+        # Requests waiting for a backend to come up (they are answered when it does).
+        body["waiting"] = self.backends.waiting
+        if ready:
+            return json_response(body)
+        waits = [c.retry_after_s() for c in children if c.name in not_ready]
+        retry = str(min(waits, default=RETRY_AFTER_S))
+        return json_response(body, status=503, headers={"Retry-After": retry})
 
     async def _gather(self, path: str) -> tuple[list[tuple[Child, Any]], dict[str, str]]:
         """Each answering child's JSON at path, and why each other child's is missing.

@@ -67,6 +67,11 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
     State.FATAL: frozenset({State.STOPPED}),
 }
+# The states of a child on its way (back) to RUNNING, unless it is being stopped for good: not
+# started yet, starting, backing off, or draining or stopping ahead of a restart.
+_COMING_UP = frozenset(
+    {State.STOPPED, State.STARTING, State.BACKOFF, State.DRAINING, State.STOPPING}
+)
 
 
 class SpawnError(Exception):
@@ -207,6 +212,12 @@ class Child:
         return self.state is State.RUNNING
 
     @property
+    def coming_up(self) -> bool:
+        """Not taking requests now, but will be without anyone's action (not stopped for good,
+        not given up on, not hung): a request for it may wait."""
+        return self._want_running and not self._stopped.is_set() and self.state in _COMING_UP
+
+    @property
     def fatal(self) -> bool:
         """Given up on: only `llmctl restart` or a reload starts it again."""
         return self.state is State.FATAL
@@ -248,7 +259,7 @@ class Child:
         if self.state not in (State.RUNNING, State.UNRESPONSIVE):
             return False
         self._change_state(State.DRAINING)  # RUNNING/UNRESPONSIVE -> DRAINING
-        log.info("backend %s: draining: new requests get 503 until it restarts", self.name)
+        log.info("backend %s: draining: new requests wait until it is running again", self.name)
         return True
 
     async def wait_settled(self) -> None:

@@ -19,6 +19,7 @@ from llmd.answers import (
     format_time,
     json_response,
     no_backend,
+    not_started,
     unreadable,
 )
 from llmd.auth import NATIVE_INFERENCE, OPENAI_INFERENCE, authorize
@@ -59,6 +60,8 @@ MODEL_ADMIN = ("/api/show", "/api/pull", "/api/push", "/api/create", "/api/copy"
 BODY_STEP = 1024 * 1024
 # The longest duration Go's time.Duration holds (int64 nanoseconds), in seconds.
 MAX_DURATION_S = (2**63 - 1) / 1e9
+# The request's key for when it arrived (time.monotonic()): waits for a child count from it.
+ARRIVED = "llmd.arrived"
 
 
 class Proxy:
@@ -104,6 +107,7 @@ class Proxy:
         r = app.router
         r.add_get("/", self._root)  # and HEAD /, the health check clients use
         r.add_get("/healthz", self._merged.healthz)
+        r.add_get("/readyz", self._merged.readyz)
         r.add_get("/metrics", self._metrics_page)
         r.add_get("/api/tags", self._merged.tags)
         # Ollama routes no HEAD for these: the child answers it, 405 (gin HandleMethodNotAllowed).
@@ -138,6 +142,7 @@ class Proxy:
         """Stop taking requests, wait for in-flight ones, then cancel what is left; return how
         many were cancelled."""
         self.draining = True
+        self.backends.stop_waiting()  # requests waiting for a child to start answer 503 now
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -153,6 +158,7 @@ class Proxy:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        request[ARRIVED] = time.monotonic()
         denied = authorize(self.cfg.proxy, request)
         if denied is not None:
             return error_response(request, denied)
@@ -267,12 +273,65 @@ class Proxy:
             )
 
     async def _owner(self, name: str, request: web.Request, shown: str) -> Child:
-        child = await self.backends.locate(name)
-        if child is None:
-            raise self._not_found(request, shown)
-        if not child.running:
-            raise no_backend(self.backends, child)
-        return child
+        """The running child that owns a model, once it is running (see _located, _serving)."""
+        return await self._serving(request, await self._located(name, request, shown))
+
+    async def _located(self, name: str, request: web.Request, shown: str) -> Child:
+        """The child that owns a model, running or not. While the model is on no backend listed
+        so far but one coming up may have it, wait for that one (see _wait_running) and look
+        again; 404 (or 503) when no backend has it or can be waited for."""
+        while True:
+            child = await self.backends.locate(name)
+            if child is not None:
+                return child
+            maybe, _ = self.backends.missing(shown)
+            if maybe is None or not maybe.coming_up:
+                raise self._not_found(request, shown)
+            await self._wait_running(request, maybe, shown)
+
+    async def _serving(self, request: web.Request, child: Child | None = None) -> Child:
+        """`child` once it is running, or (None) the first child running. A child starting,
+        restarting or backing off (or, for None, any child, while none is running) is waited
+        for, up to its backend.start_timeout from the request's arrival; one stopped for good,
+        given up on or hung is 503 at once."""
+        while True:
+            if child is not None:
+                if child.running:
+                    return child
+                if not child.coming_up:
+                    raise no_backend(self.backends, child)
+                await self._wait_running(request, child)
+                continue
+            first = self.backends.first_running()
+            if first is not None:
+                return first
+            coming = self.backends.coming_up()
+            if not coming:
+                raise no_backend(self.backends)
+            limit = max(c.cfg.start_timeout for c in coming)
+            if not await self.backends.wait_any_running(_arrived(request) + limit):
+                self._stop_waiting_if_draining()
+                still = self.backends.coming_up()
+                if still:
+                    raise not_started(still[0], limit)
+
+    async def _wait_running(
+        self, request: web.Request, child: Child, model: str | None = None
+    ) -> None:
+        """Wait while `child` is coming up, up to its start_timeout from the request's arrival;
+        503 naming the backend, its state and the limit if it is still coming up then (`model`:
+        the request's model, when the child may have it)."""
+        limit = child.cfg.start_timeout
+        if await self.backends.wait_running(child, _arrived(request) + limit):
+            return
+        self._stop_waiting_if_draining()
+        if child.coming_up:
+            raise not_started(child, limit, model)
+        # Stopped for good or given up on meanwhile: the caller looks again and says so.
+
+    def _stop_waiting_if_draining(self) -> None:
+        if self.draining:
+            raise ProxyError(503, "llmd is shutting down", {"Connection": "close"})
 
     def _not_found(self, request: web.Request, shown: str) -> ProxyError:
         """404 in Ollama's words for the endpoint, with the name as the client sent it; 503
@@ -357,8 +416,7 @@ class Proxy:
             raise ProxyError(400, f"invalid JSON in request body: {e}") from None
 
     async def _unload(self, request: web.Request, shown: str, name: str) -> web.Response:
-        if await self.backends.locate(name) is None:
-            raise self._not_found(request, shown)
+        await self._located(name, request, shown)
         outcome = await self.lifecycle.unload(name, reason="client asked (keep_alive: 0)")
         log.info("client unload of %s: %s", name, outcome)
         # Ollama echoes the name as sent (GenerateResponse{Model: req.Model}).
@@ -380,12 +438,7 @@ class Proxy:
             if name != normalize_model(raw):  # an alias; else the child words its answers
                 body[key if key in body else "name"] = name
             child = await self.backends.locate(name)
-        if child is None:
-            child = self.backends.first_running()
-            if child is None:
-                raise no_backend(self.backends)
-        if not child.running:
-            raise no_backend(self.backends, child)
+        child = await self._serving(request, child)
         try:
             data = Upload(self._dump(body), self._holds.get(_task()))
             return await self._forwarder.forward(request, child, data, None, time.time())
@@ -397,9 +450,7 @@ class Proxy:
         self, request: web.Request, body: dict[str, Any]
     ) -> web.StreamResponse:
         """A request that names no model: no load can follow, so any running child may answer."""
-        child = self.backends.first_running()
-        if child is None:
-            raise no_backend(self.backends)
+        child = await self._serving(request)
         data = Upload(self._dump(body), self._holds.get(_task()))
         return await self._forwarder.forward(request, child, data, None, time.time())
 
@@ -409,12 +460,16 @@ class Proxy:
         return await self._forwarder.forward(request, child, None, None, time.time())
 
     async def _passthrough(self, request: web.Request) -> web.StreamResponse:
-        child = self.backends.first_running()
-        if child is None:
-            raise no_backend(self.backends)
+        child = await self._serving(request)
         # Blob uploads can be gigabytes: stream the request body through rather than read it.
         data = request.content if request.body_exists else None
         return await self._forwarder.forward(request, child, data, None, time.time())
+
+
+def _arrived(request: web.Request) -> float:
+    """When the request arrived (time.monotonic()), as the middleware noted it."""
+    arrived = request.get(ARRIVED)
+    return arrived if isinstance(arrived, float) else time.monotonic()
 
 
 def _task() -> asyncio.Task[Any]:

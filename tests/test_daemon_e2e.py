@@ -447,8 +447,10 @@ def test_missing_ollama_binary_is_reported(daemon: Factory) -> None:
     )
 
 
-def test_model_on_a_backend_still_starting_gets_503_not_404(daemon: Factory) -> None:
-    """Until every backend has listed its models, a model not found yet is 503, then 404."""
+def test_model_on_a_backend_still_starting_waits_for_it_then_404(daemon: Factory) -> None:
+    """Until every backend has listed its models, a request for a model not found yet waits for
+    the backend that may have it (no premature 404), then gets 404 once it is listed; `llmctl
+    load` meanwhile says that backend may have it."""
     d = daemon(backends=2, backend_extra=[{}, {"env": {"OLLAMA_SIM_FAULTS": "slow_start=4"}}])
     d.start(wait=False)
 
@@ -457,13 +459,11 @@ def test_model_on_a_backend_still_starting_gets_503_not_404(daemon: Factory) -> 
         return [b["state"] for b in json.loads(r.stdout)["backends"]] if r.returncode == 0 else []
 
     wait_for(lambda: states() == ["running", "starting"], what="b0 running while b1 starts")
-    status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
-    assert status == 503
-    assert body["error"].startswith(
-        "model 'ghost:1b' is not on any backend listed so far; backend 'b1' may have it"
-    )
     r = d.llmctl("load", "ghost:1b")
     assert r.returncode == 1 and "backend 'b1' may have it" in r.stderr
+    status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
+    assert states() == ["running", "running"]  # answered only once b1 was up
+    assert (status, body["error"]) == (404, "model 'ghost:1b' not found")
     d.wait_ready()
     status, body = post(d.url + "/api/generate", {"model": "ghost:1b", "prompt": "x"})
     assert (status, body["error"]) == (404, "model 'ghost:1b' not found")

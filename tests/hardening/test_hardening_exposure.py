@@ -124,8 +124,13 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("HEAD", "/", None, "open"),
     ("GET", "/healthz", None, "open"),
     ("HEAD", "/healthz", None, "open"),
-    *[(m, p, None, "manage") for p in ("/", "/healthz") for m in ("POST", "PUT", "DELETE")],
-    *[(m, p, None, "manage") for p in ("/", "/healthz") for m in ("PATCH", "OPTIONS")],
+    ("GET", "/readyz", None, "open"),
+    ("HEAD", "/readyz", None, "open"),
+    *[
+        (m, p, None, "manage")
+        for p in ("/", "/healthz", "/readyz")
+        for m in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+    ],
     ("GET", "/api/tags", None, "read"),
     ("HEAD", "/api/tags", None, "read"),
     ("OPTIONS", "/api/tags", None, "manage"),
