@@ -180,8 +180,12 @@ class Backends:
         name = child.name
         unlisted = name not in self._tags and name not in self._listing
         if new is State.RUNNING and unlisted and self.children.get(name) is child:
-            self._listing.add(name)
-            self._start_task(self._list_models(child), f"tags-{name}")
+            coro = self._list_models(child)
+            try:
+                self._start_task(coro, f"tags-{name}")
+                self._listing.add(name)
+            except RuntimeError:  # the TaskGroup is shutting down: nobody needs the list
+                coro.close()
         self._poke()
 
     async def _list_models(self, child: Child) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -162,3 +163,94 @@ async def test_leaving_names_the_children_a_reload_stops(
         backends = Backends(old, session=session, start_task=never_started)
         found = backends.leaving(config.from_dict({"backend": new_backends}))
     assert [c.name for c in found] == leaving
+
+
+def two_backends() -> config.Config:
+    return config.from_dict(
+        {"backend": [{"name": "b0", "port": 20001}, {"name": "b1", "port": 20002}]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "coming_up"),
+    [
+        ("stopped", True),  # not started yet
+        ("starting", True),
+        ("backoff", True),
+        ("draining", True),  # ahead of a restart
+        ("stopping", True),
+        ("running", False),
+        ("unresponsive", False),  # hung: not waited for
+        ("fatal", False),
+    ],
+)
+async def test_coming_up_is_a_state_a_request_may_wait_through(state: str, coming_up: bool) -> None:
+    """A child not running is waited for while it is on its way (back) to RUNNING."""
+    async with aiohttp.ClientSession() as session:
+        child = Backends(two_backends(), session=session, start_task=never_started).children["b0"]
+        child.state = State(state)
+        assert child.coming_up is coming_up
+        await child.stop()  # stopped for good: never waited for
+        assert not child.coming_up
+
+
+async def test_wait_running_wakes_at_the_change_not_at_the_deadline() -> None:
+    """A waiter for a starting child returns as soon as the child runs, and is not counted
+    after; one whose child does not come up returns False at its deadline."""
+    async with aiohttp.ClientSession() as session:
+        backends = Backends(two_backends(), session=session, start_task=never_started)
+        b0, b1 = backends.children["b0"], backends.children["b1"]
+        backends.set_tags("b0", [])  # listed: running it starts no model list
+        b0._change_state(State.STARTING)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        waiter = asyncio.create_task(backends.wait_running(b0, time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        assert backends.waiting == 1 and not waiter.done()
+        b0._change_state(State.RUNNING)
+        assert await waiter is True
+        assert loop.time() - t0 < 1 and backends.waiting == 0
+        assert await backends.wait_running(b1, time.monotonic() + 0.1) is False
+        assert backends.waiting == 0
+
+
+async def test_a_cancelled_or_ended_wait_leaves_nothing() -> None:
+    """A waiter cancelled (its client left) is no longer counted; stop_waiting ends every wait
+    at once with False."""
+    async with aiohttp.ClientSession() as session:
+        backends = Backends(two_backends(), session=session, start_task=never_started)
+        b0 = backends.children["b0"]
+        waiters = [
+            asyncio.create_task(backends.wait_any_running(time.monotonic() + 30)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        assert backends.waiting == 3
+        waiters[0].cancel()
+        await asyncio.gather(waiters[0], return_exceptions=True)
+        assert backends.waiting == 2
+        backends.stop_waiting()
+        assert await asyncio.gather(*waiters[1:]) == [False, False]
+        assert backends.waiting == 0
+        assert await backends.wait_running(b0, time.monotonic() + 30) is False
+
+
+class ListingAPI:
+    """A child API whose /api/tags lists one model."""
+
+    async def tags(self) -> list[Pulled]:
+        return [Pulled.from_json({"name": "m:1b"})]
+
+
+async def test_a_child_that_comes_up_unlisted_has_its_models_listed() -> None:
+    """When a child whose models are not known starts running, they are listed at once, without
+    waiting for a request to ask."""
+    async with aiohttp.ClientSession() as session:
+        backends = Backends(two_backends(), session=session, start_task=run_now)
+        b0 = backends.children["b0"]
+        b0.api = ListingAPI()  # type: ignore[assignment]
+        assert not backends.listed("b0")
+        b0._change_state(State.STARTING)
+        b0._change_state(State.RUNNING)
+        await backends.wait_for(lambda: backends.listed("b0"), time.monotonic() + 5)
+        assert [t.name for t in backends.tags("b0")] == ["m:1b"]
+        assert backends._from_tags("m:1b") is b0
