@@ -58,8 +58,9 @@ def readyz(d: Llmd) -> tuple[int, Any]:
 
 def test_request_sent_as_llmd_starts_waits_for_the_child(daemon: Factory) -> None:
     """A request sent as soon as the proxy port answers, while the child is still starting,
-    waits and is served (the `ollama` client does not retry a 503); /readyz is 503 naming the
-    backend until the child runs and its models are listed, then 200."""
+    waits and is served (the `ollama` client does not retry a 503), as do requests on other
+    routes; /readyz is 503 naming the backend until the child runs and its models are listed,
+    then 200."""
     d = daemon(backend_extra=[{"env": {"OLLAMA_SIM_FAULTS": "slow_start=3"}}])
     d.start(wait=False)
     wait_for(lambda: proxy_answers(d), timeout=20, what="the proxy port")
@@ -69,13 +70,23 @@ def test_request_sent_as_llmd_starts_waits_for_the_child(daemon: Factory) -> Non
     assert doc["not_ready"]["b0"] in ("stopped", "starting"), doc
     t0 = time.monotonic()
     client = ollama.Client(host=d.url, timeout=60)
-    try:
-        answer = client.generate(model=TINY, prompt="hi")
-    finally:
-        client.close()
-    took = time.monotonic() - t0
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        # The other kinds of route wait too: a passthrough, model admin, a model's /v1 entry.
+        others = [
+            pool.submit(call, d.url + "/api/version"),
+            pool.submit(call, d.url + "/api/show", {"model": TINY}),
+            pool.submit(call, d.url + f"/v1/models/{TINY}"),
+        ]
+        try:
+            answer = client.generate(model=TINY, prompt="hi")
+        finally:
+            client.close()
+        took = time.monotonic() - t0
+        answers = [f.result() for f in others]
     assert answer.done and answer.response
     assert took > 1  # it did wait for the child
+    assert [a[0] for a in answers] == [200, 200, 200], answers
+    assert answers[2][2]["id"] == TINY
     status, doc = readyz(d)
     assert status == 200, doc
     assert doc == {"ready": True, "backends": {"b0": "running"}, "waiting": 0}
