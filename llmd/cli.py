@@ -80,7 +80,11 @@ def render_status(doc: dict[str, Any]) -> str:
                     ],
                 )
             )
-    loaded = [m for m in doc["models"] if m["state"] != "unloaded"]
+    loaded = [
+        m
+        for m in doc["models"]
+        if m["state"] != "unloaded" or (m.get("queue") or {}).get("waiting")
+    ]
     if loaded:
         lines += ["", render_models(loaded)]
     return "\n".join(lines)
@@ -102,16 +106,47 @@ def render_models(models: list[dict[str, Any]]) -> str:
                 + (f" (as {m['runner']})" if m.get("runner") not in (None, m["name"]) else ""),
                 m["priority"],
                 "yes" if m["pinned"] else "",
-                m["in_flight"],
+                _running(m),
+                _queued(m),
                 _mib(m["size_vram"] or None),
                 f"{_secs(m['keep_alive_s'])} ({basis})",
                 "-" if m.get("expires_in_s") is None else _secs(m["expires_in_s"]),
             ]
         )
     return table(
-        ["MODEL", "BACKEND", "STATE", "PRIO", "PINNED", "BUSY", "VRAM", "KEEP-ALIVE", "UNLOAD IN"],
+        [
+            "MODEL",
+            "BACKEND",
+            "STATE",
+            "PRIO",
+            "PINNED",
+            "RUNNING",
+            "QUEUED",
+            "VRAM",
+            "KEEP-ALIVE",
+            "UNLOAD IN",
+        ],
         rows,
     )
+
+
+def _running(m: dict[str, Any]) -> str:
+    """Requests in flight, and how many may run at once once llmd has queued for it."""
+    limit = (m.get("queue") or {}).get("limit")
+    return f"{m['in_flight']}/{limit}" if limit else str(m["in_flight"])
+
+
+def _queued(m: dict[str, Any]) -> str:
+    """Requests waiting in llmd's queue; whether it is making way for another model; what the
+    queue turned away."""
+    q = m.get("queue") or {}
+    out = str(q.get("waiting", 0))
+    if q.get("making_way"):
+        out += " (making way)"
+    rejected = sum((q.get("rejected") or {}).values())
+    if rejected:
+        out += f" ({rejected} refused)"
+    return out
 
 
 def render_events(events: list[dict[str, Any]]) -> str:
