@@ -260,9 +260,8 @@ class SchedulerConfig:
     # The longest a request waits in the queue before it is answered 503.
     queue_timeout: float = 120.0
     # Waiting this long makes a request as important as one priority level better.
-    aging: float = 30.0
-    # Requests a model that holds the memory another waiting model needs may still start
-    # before it yields (unless the waiting one is more important).
+    aging: float = 10.0
+    # Requests a model serves after a load before it may make way for another model.
     swap_batch: int = 8
 
 

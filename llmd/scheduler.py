@@ -4,16 +4,19 @@ At most `num_parallel` requests of a model run at its child at once (1 for an em
 the rest wait here, oldest first, up to `max_queue` (then 429) and for at most `queue_timeout`
 (then 503), both with a Retry-After estimated from how fast the model has been serving.
 
-Models that cannot share the GPU take turns in batches. When a model's load waits for memory
-held by busy models (the lifecycle reports them as `blocked_by`), each of those may start at most
-`swap_batch` more requests, and none once the waiting model outranks its next request, before it
-makes way: it stops starting requests, and its memory goes to the waiting model as soon as its
-in-flight requests finish. A request's rank is its model's priority less one level per `aging`
-it has waited, so an unimportant model's requests outrank fresh important ones in the end.
+A request's rank is its model's priority less one level for every `aging` it has waited (lower
+is more important), so an old request of an unimportant model outranks fresh requests of an
+important one in the end. Ranks decide between models that cannot share the GPU: when a model's
+load waits for memory held by busy models (the lifecycle reports them as `blocked_by`), each of
+those keeps starting requests while its next one outranks the waiting model's oldest, and makes
+way (starts nothing more; its memory goes to the waiting model once its in-flight requests end)
+as soon as it does not. A model that has just been loaded first serves `swap_batch` requests
+(if it has them), so that models alternate in batches rather than swapping per request.
 
-The bound on waiting this gives: a model whose load waits behind busy model X starts at the
-latest after X has started swap_batch more requests and finished the num_parallel in flight,
-plus X's unload and its own load; behind several models, the sum over them.
+The bound this gives: a request whose model waits for the memory of busy model X starts at the
+latest after max((its priority - X's priority) x aging, X's batch of swap_batch since its load),
+plus X's num_parallel requests in flight, X's unload and its own load; behind several models,
+after each of them in turn. Equal priorities take turns in arrival order, in batches.
 """
 
 from __future__ import annotations
@@ -75,11 +78,11 @@ class Queue:
     # Arrival times of requests holding a slot, oldest first (for the rank of a waiting load).
     holders: list[float] = field(default_factory=list)
     service_s: float | None = None  # moving average of how long a request holds its slot
-    # Models waiting for this one's memory: since when, and requests started since then.
+    # Models waiting for this one's memory, and since when.
     owed: dict[str, float] = field(default_factory=dict)
-    started_since: Counter[str] = field(default_factory=Counter)
     yielding: bool = False
     batch: int = 0  # requests started since it last made way
+    turn: int = 0  # requests started since it last got its memory (a cold start)
     # Counters for /metrics and status.
     started: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -199,12 +202,14 @@ class Scheduler:
         self._wake.set()
 
     def _start(self, q: Queue, arrived: float, now: float) -> None:
+        m = self.lifecycle.runner_of(q.name)
+        if m is None or not m.resident:
+            q.turn = 0  # this request starts its load: a new turn
+        q.turn += 1
         q.running += 1
         q.started += 1
         q.batch += 1
         q.holders.append(arrived)
-        for other in q.owed:
-            q.started_since[other] += 1
         self.waits.observe((q.name,), max(0.0, now - arrived))
 
     def _finish(self, q: Queue, arrived: float, held_s: float | None) -> None:
@@ -227,24 +232,26 @@ class Scheduler:
 
     def _yield_reason(self, q: Queue, now: float, arrived: float) -> str | None:
         """Why this model must make way before starting a request that arrived then, if it
-        must: a waiting model outranks the request, or it has had its batch."""
-        mine = self._rank(q.name, arrived, now)
+        must: a model waiting for its memory outranks the request, and this one has had its
+        batch since its load (a model that has just paid for a swap serves swap_batch first)."""
+        if q.turn < self.cfg.scheduler.swap_batch:
+            return None
+        mine = (self._rank(q.name, arrived, now), arrived)
         for other, since in q.owed.items():
-            if q.started_since[other] >= self.cfg.scheduler.swap_batch:
-                return f"started {q.started_since[other]} requests since {other} began waiting"
-            theirs = self._waiting_rank(other, since, now)
-            if theirs < mine:
-                return f"{other} is waiting and more important (after aging)"
+            if self._waiting_rank(other, since, now) < mine:
+                return f"{other} waits for its memory and outranks its next request"
         return None
 
     def _rank(self, name: str, arrived: float, now: float) -> float:
         return self._priority(name) - max(0.0, now - arrived) / self.cfg.scheduler.aging
 
-    def _waiting_rank(self, name: str, since: float, now: float) -> float:
-        """The rank of a model whose load waits for memory: its oldest request's."""
+    def _waiting_rank(self, name: str, since: float, now: float) -> tuple[float, float]:
+        """The rank of a model whose load waits for memory: its oldest request's (and, between
+        equal ranks, the older goes first)."""
         q = self.queues.get(name)
         oldest = q.oldest() if q is not None else None
-        return self._rank(name, since if oldest is None else min(oldest, since), now)
+        first = since if oldest is None else min(oldest, since)
+        return self._rank(name, first, now), first
 
     def _priority(self, name: str) -> int:
         mc = self.cfg.model(name)
@@ -323,7 +330,6 @@ class Scheduler:
             owed = debts.get(q.name, {})
             for other in [o for o in q.owed if o not in owed]:
                 del q.owed[other]
-                del q.started_since[other]
             for other, since in owed.items():
                 q.owed.setdefault(other, since)
             head = q.waiting[0].arrived if q.waiting else now

@@ -41,6 +41,8 @@ class Traffic:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     def send(self, model: str, rid: str) -> asyncio.Task[None]:
+        """A request that arrives 1 ms (fake clock) after the one before."""
+        self.r.clock.advance(0.001)
         gate = self.gates[rid] = asyncio.Event()
 
         async def request() -> None:
@@ -141,73 +143,84 @@ SWAP = [{"name": "a:10b"}, {"name": "b:10b"}]  # 10 GiB each: not both in 16 GiB
 
 
 async def test_models_that_cannot_share_the_gpu_take_turns_in_batches() -> None:
-    """A holds the memory with work queued; B waits for it. A starts swap_batch more requests,
-    then makes way; B loads and runs; then A's queue goes on."""
+    """Equal priorities go in arrival order, but a model just loaded serves its batch first:
+    A serves a0 and a1 (its batch of two), then B's older request goes before a2."""
     async with sched(SWAP, swap_batch=2) as (r, t):
         r.add("a:10b", 10)
         r.add("b:10b", 10)
         t.send("a:10b", "a0")
         await wait_until(lambda: t.started == ["a0"])
-        for i in range(1, 5):
-            t.send("a:10b", f"a{i}")
-        await asyncio.sleep(0.01)
         t.send("b:10b", "b0")
         await wait_until(lambda: r.lc.models.get("b:10b") is not None)
         await wait_until(lambda: r.lc.models["b:10b"].blocked_by == ("a:10b",))
-        for rid in ("a0", "a1", "a2"):
+        for i in range(1, 5):
+            t.send("a:10b", f"a{i}")
+        await asyncio.sleep(0.01)
+        for rid in ("a0", "a1"):
             await wait_until(lambda rid=rid: rid in t.started)  # type: ignore[misc]
             await t.finish(rid)
         # A made way after its batch of two; B was loaded in its place.
         await wait_until(lambda: "b0" in t.started)
-        assert t.started == ["a0", "a1", "a2", "b0"]
+        assert t.started == ["a0", "a1", "b0"]
         assert ("unload", "a:10b") in r.api.calls
         qa = t.s.of("a:10b")
         assert qa is not None and qa.swaps == 1
         # A's next request now waits for B's memory in turn.
         await wait_until(lambda: r.lc.models["a:10b"].blocked_by == ("b:10b",))
         await t.finish("b0")
-        await wait_until(lambda: "a3" in t.started)
+        await wait_until(lambda: "a2" in t.started)
         assert r.api.calls.count(("load", "a:10b")) == 2
         assert r.api.calls.count(("load", "b:10b")) == 1
 
 
-async def test_a_more_important_waiting_model_gets_the_memory_after_what_is_in_flight() -> None:
+async def test_a_more_important_waiting_model_goes_first_once_the_holder_had_its_batch() -> None:
+    """A model that has just paid for a load may start swap_batch requests in all; after that
+    a more important waiting model gets the memory as soon as what is in flight ends."""
     models = [{"name": "a:10b", "priority": 5}, {"name": "b:10b", "priority": 1}]
-    async with sched(models, swap_batch=8) as (r, t):
+    async with sched(models, swap_batch=2) as (r, t):
         r.add("a:10b", 10)
         r.add("b:10b", 10)
         t.send("a:10b", "a0")
         await wait_until(lambda: t.started == ["a0"])
-        t.send("a:10b", "a1")
-        t.send("a:10b", "a2")
+        for rid in ("a1", "a2", "a3"):
+            t.send("a:10b", rid)
         await asyncio.sleep(0.01)
         t.send("b:10b", "b0")
-        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
+        await wait_until(lambda: r.lc.models.get("b:10b") is not None)
+        await wait_until(lambda: r.lc.models["b:10b"].blocked_by == ("a:10b",))
+        assert not t.s.of("a:10b").yielding  # type: ignore[union-attr]  # its first of two
         await t.finish("a0")
+        await wait_until(lambda: "a1" in t.started)
+        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
+        await t.finish("a1")
         await wait_until(lambda: "b0" in t.started)
-        assert t.started == ["a0", "b0"]
+        assert t.started == ["a0", "a1", "b0"]
 
 
 async def test_aging_lets_a_waiting_unimportant_model_outrank_fresh_important_requests() -> None:
     models = [{"name": "a:10b", "priority": 1}, {"name": "b:10b", "priority": 5}]
     # The fake clock jumps 2 minutes: admission must not give up on b0 meanwhile.
-    async with sched(models, swap_batch=100, aging="30s", admission="10m") as (r, t):
+    async with sched(models, swap_batch=2, aging="30s", admission="10m") as (r, t):
         r.add("a:10b", 10)
         r.add("b:10b", 10)
         t.send("a:10b", "a0")
         await wait_until(lambda: t.started == ["a0"])
+        await t.finish("a0")
+        t.send("a:10b", "a1")  # A has had its batch of two since its load
+        await wait_until(lambda: "a1" in t.started)
         t.send("b:10b", "b0")
         await wait_until(lambda: r.lc.models.get("b:10b") is not None)
         await wait_until(lambda: r.lc.models["b:10b"].blocked_by == ("a:10b",))
-        t.send("a:10b", "a1")  # fresh and more important: goes first
+        t.send("a:10b", "a2")  # fresh and more important: goes first
         await asyncio.sleep(0.05)
-        await t.finish("a0")
-        await wait_until(lambda: "a1" in t.started)
-        assert not t.s.of("a:10b").yielding  # type: ignore[union-attr]
-        # Four priority levels apart: after 4 x 30 s of waiting, b0 outranks a fresh a2.
-        r.clock.advance(121.0)
-        t.send("a:10b", "a2")
-        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
         await t.finish("a1")
+        await wait_until(lambda: "a2" in t.started)
+        assert not t.s.of("a:10b").yielding  # type: ignore[union-attr]
+        # Four priority levels apart: after 4 x 30 s of waiting, b0 outranks a fresh a3
+        # (A has started one request since b0 began waiting: not yet its batch of two).
+        r.clock.advance(121.0)
+        t.send("a:10b", "a3")
+        await wait_until(lambda: t.s.of("a:10b").yielding)  # type: ignore[union-attr]
+        await t.finish("a2")
         await wait_until(lambda: "b0" in t.started)
-        assert t.started == ["a0", "a1", "b0"]
+        assert t.started == ["a0", "a1", "a2", "b0"]

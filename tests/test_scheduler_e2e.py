@@ -183,10 +183,12 @@ def swap_daemon(daemon: Factory, models: list[dict[str, Any]], swap_batch: int) 
 @pytest.mark.parametrize(
     ("priorities", "swap_batch", "order"),
     [
-        # Equal priorities: the holder starts its batch of 2 more, then makes way.
-        ((5, 5), 2, ["a1", "a2", "b1", "a3", "a4"]),
-        # The waiting model is more important: it goes as soon as the held request ends.
-        ((5, 1), 8, ["b1", "a1", "a2", "a3", "a4"]),
+        # Equal priorities: arrival order, but the holder serves its batch (3 since its load)
+        # before it makes way.
+        ((5, 5), 3, ["a1", "a2", "b1", "a3", "a4"]),
+        # The waiting model is more important and the holder has had its batch (1): the
+        # waiting one goes as soon as the held request ends.
+        ((5, 1), 1, ["b1", "a1", "a2", "a3", "a4"]),
     ],
     ids=["batch", "priority"],
 )
@@ -205,11 +207,14 @@ async def test_models_that_cannot_share_the_gpu_take_turns_in_batches(
 
         tasks = []
         async with held(s, d.url, CODE):
-            for i in range(1, 5):
+            for i in range(1, 3):
                 tasks.append(asyncio.create_task(one(CODE, f"a{i}")))
                 await until(lambda n=i: queue_of(d, CODE)["waiting"] == n, what=f"a{i} queued")
             tasks.append(asyncio.create_task(one(CHAT, "b1")))
             await until(lambda: d.model(CHAT)["state"] == "loading", what="the chat model to wait")
+            for i in range(3, 5):  # these arrive after b1
+                tasks.append(asyncio.create_task(one(CODE, f"a{i}")))
+                await until(lambda n=i: queue_of(d, CODE)["waiting"] == n, what=f"a{i} queued")
             await asyncio.sleep(0.5)
             assert not done
         await asyncio.gather(*tasks)
