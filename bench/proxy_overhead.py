@@ -245,6 +245,9 @@ def main() -> int:
     )
     ap.add_argument("--speed", default="1000", help="OLLAMA_SIM_SPEED of the child(ren)")
     ap.add_argument(
+        "--num-parallel", type=int, help="backend.num_parallel of llmd's child(ren) (default 1)"
+    )
+    ap.add_argument(
         "--baseline",
         type=Path,
         metavar="DIR",
@@ -263,6 +266,9 @@ def main() -> int:
                     Path(tmp) / label,
                     sim_env={"OLLAMA_SIM_SPEED": args.speed},
                     sections={"daemon": {"log_level": "warning"}},
+                    backend_extra=[{"num_parallel": args.num_parallel}]
+                    if args.num_parallel
+                    else None,
                 )
                 if label == "baseline":
                     start_from(d, args.baseline)

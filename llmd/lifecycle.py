@@ -296,7 +296,10 @@ class Lifecycle:
         """The scheduler's word on a model: requests waiting in its queue (they keep the model
         from being evicted, as in-flight ones do) and whether it is making way for another."""
         m = self.runner_of(normalize_model(name))
-        if m is None or (m.queued, m.yielding) == (queued, yielding):
+        if m is None:
+            return
+        m.scheduled = True
+        if (m.queued, m.yielding) == (queued, yielding):
             return
         m.queued, m.yielding = queued, yielding
         self._room_changed.set()  # a load waiting for memory looks again
@@ -443,9 +446,10 @@ class Lifecycle:
                     continue
                 blockers = self.memory.blockers(load, self.models.values())
                 self._set_blocked(m, blockers)
-                if any(self._serving_batch(b) for b in blockers):
-                    # Their queues make way after a bounded batch (the scheduler's swap_batch):
-                    # gpu.admission_timeout counts from when they have.
+                if any(self._claimed(b) for b in blockers):
+                    # The scheduler makes them way in bounded time (by rank and swap_batch):
+                    # gpu.admission_timeout counts from when they have, and meanwhile no
+                    # more important idle model is evicted on a guess (ski rental).
                     started = self._clock()
                 self._room_changed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -464,10 +468,10 @@ class Lifecycle:
         m.blocked_by = blockers
         self._changed()
 
-    def _serving_batch(self, name: str) -> bool:
-        """Whether a model blocking a load still has queued requests it will start first."""
+    def _claimed(self, name: str) -> bool:
+        """Whether a model blocking a load keeps its memory until the scheduler says."""
         b = self.models.get(name)
-        return b is not None and b.queued > 0 and not b.yielding
+        return b is not None and b.scheduled and not b.yielding
 
     async def _post_load(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
         """Ask the child to load the model and wait until it has."""

@@ -290,6 +290,7 @@ class Memory:
             raise NoRoom(f"{name} does not fit in free GPU memory", 1)
         need = fp.bytes - room
         cands = self._candidates(devices, models, name)
+        claimed = {m.name for m in models if m.scheduled and not m.yielding}
         victims = policy.choose_victims(
             cands, need, requester_priority=load.priority, preempt=load.preempt
         )
@@ -299,9 +300,12 @@ class Memory:
             # Only more important idle models could make room. Waiting costs this request;
             # evicting costs their likely next request: wait until the two are equal
             # (ski rental), then evict them, unless admission_timeout comes first.
-            wait = policy.admission_wait_s(cands, need, requester_priority=load.priority)
+            # Models with a queue in llmd's scheduler are not guessed about: it says when
+            # they make way (Model.yielding, then the first to leave).
+            free = [c for c in cands if c.name not in claimed]
+            wait = policy.admission_wait_s(free, need, requester_priority=load.priority)
             if wait is not None and waited_s >= wait:
-                victims = policy.choose_victims(cands, need)
+                victims = policy.choose_victims(free, need)
         if victims:
             why = (
                 f"to make room for {name} (needs {_gib(fp.bytes)}, {fp.basis}; "
@@ -317,19 +321,20 @@ class Memory:
         return Admission(False, wait_s=min(RECHECK_S, left))
 
     def blockers(self, load: ColdLoad, models: Collection[Model]) -> tuple[str, ...]:
-        """The busy models (requests in flight or queued) whose leaving would make room for a
-        waiting load: those llmd's scheduler can ask to make way. () when idle models or free
-        memory would do, or when nothing llmd could move would."""
+        """The models whose leaving would make room for a waiting load but which admission
+        may not evict now: busy ones (requests in flight or queued) and more important idle
+        ones. llmd's scheduler decides when they make way. () when free memory or evictable
+        models would do, or when nothing but pinned models could."""
         name = load.model.name
         need = load.footprint.bytes - self._room(load.devices, load.child, models, exclude=name)
         if need <= 0:
             return ()
         cands = self._candidates(load.devices, models, name)
-        busy = {c.name for c in cands if c.in_flight > 0}
-        if not busy:
+        held = {c.name for c in cands if c.in_flight > 0 or c.priority < load.priority}
+        if not held:
             return ()
         as_idle = [dataclasses.replace(c, in_flight=0) for c in cands]
-        return tuple(v for v in policy.choose_victims(as_idle, need) or () if v in busy)
+        return tuple(v for v in policy.choose_victims(as_idle, need) or () if v in held)
 
     async def look_again(self, load: ColdLoad) -> None:
         """Re-read the GPUs for a waiting cold load."""

@@ -105,6 +105,7 @@ class Model:
     # model, and whether it is making way for another model that needs its memory.
     queued: int = 0
     yielding: bool = False
+    scheduled: bool = False  # has a queue: the scheduler decides when it makes way
     # While its load waits for memory: the busy models whose leaving would make room.
     blocked_by: tuple[str, ...] = ()
     blocked_since: float | None = None

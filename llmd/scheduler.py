@@ -83,6 +83,7 @@ class Queue:
     yielding: bool = False
     batch: int = 0  # requests started since it last made way
     turn: int = 0  # requests started since it last got its memory (a cold start)
+    last_done: float = 0.0  # when its last request ended
     # Counters for /metrics and status.
     started: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -214,6 +215,7 @@ class Scheduler:
 
     def _finish(self, q: Queue, arrived: float, held_s: float | None) -> None:
         q.running -= 1
+        q.last_done = self._clock()
         with contextlib.suppress(ValueError):
             q.holders.remove(arrived)
         if held_s is not None:
@@ -222,6 +224,7 @@ class Scheduler:
                 if q.service_s is None
                 else (1 - SERVICE_EWMA) * q.service_s + SERVICE_EWMA * held_s
             )
+        self._note(q)  # (also marks the model as scheduled once its record exists)
         self._wake.set()
 
     # -- decisions --------------------------------------------------------------------------------
@@ -230,16 +233,26 @@ class Scheduler:
         """Whether a request of this queue (arrived then) may start now."""
         return q.running < self._limit(q) and self._yield_reason(q, now, arrived) is None
 
-    def _yield_reason(self, q: Queue, now: float, arrived: float) -> str | None:
-        """Why this model must make way before starting a request that arrived then, if it
-        must: a model waiting for its memory outranks the request, and this one has had its
-        batch since its load (a model that has just paid for a swap serves swap_batch first)."""
-        if q.turn < self.cfg.scheduler.swap_batch:
+    def _yield_reason(self, q: Queue, now: float, arrived: float | None) -> str | None:
+        """Why this model must make way for a model waiting for its memory, if it must.
+
+        With a request to start (that arrived then): the waiting model's oldest request
+        outranks it, and this model has had its batch since its load (a model that has just
+        paid for a swap serves swap_batch first). With none (arrived None): an idle model's
+        claim on its memory is its priority plus one level per aging it has been idle."""
+        if not q.owed:
             return None
-        mine = (self._rank(q.name, arrived, now), arrived)
+        if arrived is not None or q.running:
+            if q.turn < self.cfg.scheduler.swap_batch:
+                return None
+            when = now if arrived is None else arrived
+            mine = (self._rank(q.name, when, now), when)
+        else:
+            idle_s = max(0.0, now - q.last_done)
+            mine = (self._priority(q.name) + idle_s / self.cfg.scheduler.aging, now)
         for other, since in q.owed.items():
             if self._waiting_rank(other, since, now) < mine:
-                return f"{other} waits for its memory and outranks its next request"
+                return f"{other} waits for its memory and outranks it"
         return None
 
     def _rank(self, name: str, arrived: float, now: float) -> float:
@@ -332,8 +345,8 @@ class Scheduler:
                 del q.owed[other]
             for other, since in owed.items():
                 q.owed.setdefault(other, since)
-            head = q.waiting[0].arrived if q.waiting else now
-            reason = self._yield_reason(q, now, head) if q.owed else None
+            head = q.waiting[0].arrived if q.waiting else None
+            reason = self._yield_reason(q, now, head)
             if (reason is not None) != q.yielding:
                 q.yielding = reason is not None
                 if q.yielding:
