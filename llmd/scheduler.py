@@ -224,8 +224,19 @@ class Scheduler:
                 if q.service_s is None
                 else (1 - SERVICE_EWMA) * q.service_s + SERVICE_EWMA * held_s
             )
+        self._hand_over(q, self._clock())  # at once: the child must not wait for a pass
         self._note(q)  # (also marks the model as scheduled once its record exists)
         self._wake.set()
+
+    def _hand_over(self, q: Queue, now: float) -> None:
+        """Start the waiting requests of this queue that may start now, oldest first."""
+        while q.waiting and self._may_start(q, now, q.waiting[0].arrived):
+            w = q.waiting.popleft()
+            if w.granted.done():  # cancelled as it was about to start
+                continue
+            q.granted += 1
+            self._start(q, w.arrived, now)
+            w.granted.set_result(None)
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -318,13 +329,7 @@ class Scheduler:
             (q for q in self.queues.values() if q.waiting),
             key=lambda q: self._rank(q.name, q.waiting[0].arrived, now),
         ):
-            while q.waiting and self._may_start(q, now, q.waiting[0].arrived):
-                w = q.waiting.popleft()
-                if w.granted.done():  # cancelled as it was about to start
-                    continue
-                q.granted += 1
-                self._start(q, w.arrived, now)
-                w.granted.set_result(None)
+            self._hand_over(q, now)
             self._note(q)
 
     def _settle_debts(self, now: float) -> None:
