@@ -34,7 +34,9 @@ Targets (issue 11): (1) the priority-1 model's p99 within 2x its uncontended p99
 beyond it under Ollama; (2) at least 50% fewer loads under llmd, no request lost; (3) the
 lowest-priority model's worst wait under llmd within the bound llmd/scheduler.py states:
 max(priority difference x aging, swap_batch x service time) of the model it waits behind, plus
-num_parallel x that service time, that model's unload and its own load, all measured above.
+num_parallel x that service time, that model's unload and its own load; for the last of
+max_queue waiting requests, plus those ahead of it and ceil(max_queue / swap_batch) - 1 more
+turns of the holder (its batch and two swaps each); all times measured above.
 
     .venv/bin/python bench/contention.py [--seed 1] [--duration 20] [--speed 10] [--json OUT]
 """
@@ -73,6 +75,7 @@ GRAPH_MIB = 256  # the simulator's constant graph term (tests/sim/simlib/memory.
 # num_parallel).
 SWAP_BATCH = 8
 AGING_S = 10.0
+MAX_QUEUE = 64
 NUM_PARALLEL = 1
 LOAD_LINE = re.compile(r"msg=offload model=(\S+)")
 
@@ -394,16 +397,26 @@ def check_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
 
     # llmd's stated bound (llmd/scheduler.py): the holder makes way once the waiting request
     # outranks its requests ((priority difference) x aging) and it has served its batch since
-    # its load, then its requests in flight end, it unloads and the waiting model loads.
+    # its load, then its requests in flight end, it unloads and the waiting model loads; the
+    # last of MAX_QUEUE waiting requests also waits for those ahead of it, and for up to
+    # ceil(MAX_QUEUE / swap_batch) - 1 more turns of the holder (its batch and two swaps each).
     def behind_bound(b: TaskModel) -> float:
-        service = base[b.name]["p50_s"] or 0.0
+        service, own = base[b.name]["p50_s"] or 0.0, base[low.name]["p50_s"] or 0.0
+        swap = (
+            base[b.name]["unload_s"]
+            + base[low.name]["load_s"]
+            + base[low.name]["unload_s"]
+            + base[b.name]["load_s"]
+        )
         rank_wait = max(0, low.priority - b.priority) * AGING_S
-        return (
+        first = (
             max(rank_wait, SWAP_BATCH * service)
             + NUM_PARALLEL * service
             + base[b.name]["unload_s"]
             + base[low.name]["load_s"]
         )
+        turns = math.ceil(MAX_QUEUE / SWAP_BATCH) - 1
+        return first + (MAX_QUEUE - 1) * own / NUM_PARALLEL + turns * (SWAP_BATCH * service + swap)
 
     bound = max((behind_bound(b) for b in behind), default=0.0)
     worst = llmd["models"][low.name]["worst_wait_s"]
@@ -419,7 +432,8 @@ def check_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
             f"max(priority difference x aging {AGING_S:g}s, {SWAP_BATCH} x service) + "
             f"{NUM_PARALLEL} x service of "
             + ", ".join(b.name for b in behind)
-            + " + its unload + a load",
+            + f" + its unload + a load, + {MAX_QUEUE - 1} requests ahead in its own queue and "
+            f"{math.ceil(MAX_QUEUE / SWAP_BATCH) - 1} more turns of the holder",
         }
     )
     return targets

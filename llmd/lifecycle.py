@@ -295,7 +295,8 @@ class Lifecycle:
     def note_queue(self, name: str, queued: int, yielding: bool) -> None:
         """The scheduler's word on a model: requests waiting in its queue (they keep the model
         from being evicted, as in-flight ones do) and whether it is making way for another."""
-        m = self.runner_of(normalize_model(name))
+        name = normalize_model(name)
+        m = self.runner_of(name) or self.models.get(name)  # unloaded: its own record
         if m is None:
             return
         m.scheduled = True

@@ -13,10 +13,12 @@ way (starts nothing more; its memory goes to the waiting model once its in-fligh
 as soon as it does not. A model that has just been loaded first serves `swap_batch` requests
 (if it has them), so that models alternate in batches rather than swapping per request.
 
-The bound this gives: a request whose model waits for the memory of busy model X starts at the
-latest after max((its priority - X's priority) x aging, X's batch of swap_batch since its load),
-plus X's num_parallel requests in flight, X's unload and its own load; behind several models,
-after each of them in turn. Equal priorities take turns in arrival order, in batches.
+The bound this gives: a model waiting for the memory of busy model X gets it at the latest
+after max((its priority - X's priority) x aging, X's batch of swap_batch since its load), plus
+X's num_parallel requests in flight, X's unload and its own load (behind several models, after
+each of them in turn). Its k-th waiting request then also waits for the k-1 ahead of it, and
+for at most ceil(k / swap_batch) - 1 more turns of X, each at most X's batch plus two swaps,
+since by then its requests outrank X's. Equal priorities take turns in arrival order, in batches.
 """
 
 from __future__ import annotations

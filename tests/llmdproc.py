@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,6 +274,26 @@ def pull(d: Llmd, model: str, backend: int = 0) -> None:
     )
     with urllib.request.urlopen(req, timeout=60) as r:
         assert json.loads(r.read())["status"] == "success"
+
+
+def call(
+    url: str, body: Any = None, *, timeout: float = 60
+) -> tuple[int, dict[str, str], Any, float]:
+    """One request: status, headers, JSON body (None if not JSON) and how long it took."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, headers, raw = r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        status, headers, raw = e.code, dict(e.headers), e.read()
+    took = time.monotonic() - t0
+    try:
+        doc = json.loads(raw or b"null")
+    except ValueError:
+        doc = None
+    return status, headers, doc, took
 
 
 def wait_for(

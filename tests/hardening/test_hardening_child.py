@@ -12,29 +12,9 @@ import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from llmdproc import Factory, Llmd, pull, wait_for
+from llmdproc import Factory, Llmd, call, pull, wait_for
 
 TINY = "tiny:1m"
-
-
-def call(
-    url: str, body: Any = None, *, timeout: float = 60
-) -> tuple[int, dict[str, str], Any, float]:
-    """One request: status, headers, JSON body (None if not JSON) and how long it took."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    t0 = time.monotonic()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, headers, raw = r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        status, headers, raw = e.code, dict(e.headers), e.read()
-    took = time.monotonic() - t0
-    try:
-        doc = json.loads(raw or b"null")
-    except ValueError:
-        doc = None
-    return status, headers, doc, took
 
 
 def backend_pid(d: Llmd, name: str) -> int | None:
