@@ -106,7 +106,8 @@ class Model:
     queued: int = 0
     yielding: bool = False
     scheduled: bool = False  # has a queue: the scheduler decides when it makes way
-    # While its load waits for memory: the busy models whose leaving would make room.
+    # While its load waits for memory: the models whose leaving would make room but which
+    # may not be evicted now (busy, or more important and idle): the scheduler decides.
     blocked_by: tuple[str, ...] = ()
     blocked_since: float | None = None
     # The runner options of its last load (None: not known, as for one loaded outside llmd);
