@@ -159,8 +159,11 @@ class Backends:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closing:
                     return False
+                # Not wait_for: on Python 3.11 it loses a cancellation (the client going away)
+                # that comes as the event is set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._changed.wait()
             return True
         finally:
             self.waiting -= 1
