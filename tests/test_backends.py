@@ -234,6 +234,23 @@ async def test_a_cancelled_or_ended_wait_leaves_nothing() -> None:
         assert await backends.wait_running(b0, time.monotonic() + 30) is False
 
 
+async def test_a_waiter_cancelled_as_the_children_change_still_leaves() -> None:
+    """A client going away in the same step as a child's state change is not lost: the wait
+    ends cancelled, not waiting on to its deadline (asyncio.wait_for on Python 3.11 would
+    swallow the cancellation)."""
+    async with aiohttp.ClientSession() as session:
+        backends = Backends(two_backends(), session=session, start_task=never_started)
+        b0 = backends.children["b0"]
+        b0._change_state(State.STARTING)
+        waiter = asyncio.create_task(backends.wait_running(b0, time.monotonic() + 30))
+        await asyncio.sleep(0.05)
+        b0._change_state(State.BACKOFF)  # wakes the waiter; it is still coming up
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiter, 2)
+        assert backends.waiting == 0
+
+
 class ListingAPI:
     """A child API whose /api/tags lists one model."""
 

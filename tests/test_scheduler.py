@@ -224,3 +224,16 @@ async def test_aging_lets_a_waiting_unimportant_model_outrank_fresh_important_re
         await t.finish("a2")
         await wait_until(lambda: "b0" in t.started)
         assert t.started == ["a0", "a1", "a2", "b0"]
+
+
+async def test_the_schedulers_word_reaches_a_model_that_has_unloaded() -> None:
+    """A queue that empties while its model is unloaded clears the model's record, so the
+    model is not kept busy (nor making way) by a stale count when it loads again."""
+    async with rig(config([])) as r:
+        r.add("a:1b", 2)
+        await r.lc.load("a:1b", r.child, "test")
+        r.lc.note_queue("a:1b", 2, True)
+        await r.lc.unload("a:1b", "test")
+        r.lc.note_queue("a:1b", 0, False)
+        m = r.lc.models["a:1b"]
+        assert (m.queued, m.yielding, m.busy) == (0, False, False)
