@@ -304,7 +304,7 @@ class Lifecycle:
             return
         m.queued, m.yielding = queued, yielding
         self._room_changed.set()  # a load waiting for memory looks again
-        if not m.busy and m.in_flight == 0 and m.state is MState.LOADED:
+        if not m.busy and m.state is MState.LOADED:
             self._timers_changed.set()
 
     def _arm(self, m: Model, idle_since: float) -> None:

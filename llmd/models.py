@@ -122,15 +122,15 @@ class Model:
         return self.state in (MState.LOADED, MState.LOADING)
 
     @property
-    def busy(self) -> bool:
-        """Requests in flight, or waiting in llmd's queue to start, unless it is making way."""
-        return self.in_flight > 0 or (self.queued > 0 and not self.yielding)
-
-    @property
     def holding(self) -> int:
         """What keeps it from being evicted: in-flight requests and, unless it is making way,
         queued ones about to start."""
         return self.in_flight + (0 if self.yielding else self.queued)
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything holds it (see `holding`)."""
+        return self.holding > 0
 
 
 class Facts(Protocol):

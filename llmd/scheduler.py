@@ -380,28 +380,26 @@ class Scheduler:
     def stats(self) -> list[QueueStats]:
         """Every queue, by model name."""
         now = self._clock()
-        out = []
-        for name in sorted(self.queues):
-            q = self.queues[name]
-            out.append(
-                QueueStats(
-                    name=name,
-                    waiting=len(q.waiting),
-                    running=q.running,
-                    limit=self._limit(q),
-                    yielding=q.yielding,
-                    started=q.started,
-                    rejected=dict(q.rejected),
-                    swaps=q.swaps,
-                    service_s=q.service_s,
-                    oldest_wait_s=now - q.waiting[0].arrived if q.waiting else 0.0,
-                )
-            )
-        return out
+        return [self._stats(self.queues[name], now) for name in sorted(self.queues)]
 
     def of(self, name: str) -> QueueStats | None:
         """One model's queue, if it has had requests."""
-        return next((s for s in self.stats() if s.name == name), None)
+        q = self.queues.get(name)
+        return None if q is None else self._stats(q, self._clock())
+
+    def _stats(self, q: Queue, now: float) -> QueueStats:
+        return QueueStats(
+            name=q.name,
+            waiting=len(q.waiting),
+            running=q.running,
+            limit=self._limit(q),
+            yielding=q.yielding,
+            started=q.started,
+            rejected=dict(q.rejected),
+            swaps=q.swaps,
+            service_s=q.service_s,
+            oldest_wait_s=now - q.waiting[0].arrived if q.waiting else 0.0,
+        )
 
 
 def _granted(w: _Waiter) -> bool:
