@@ -268,26 +268,35 @@ class Admin:
             "store": self.store.status(),
         }
 
-    def _queue(self, name: str) -> dict[str, Any]:
-        """A model's queue in llmd: waiting, running and their limits, what it turned away."""
+    def _queue(self, name: str, backend: str | None) -> dict[str, Any]:
+        """A model's queue in llmd: waiting, running and their limits, what it turned away.
+        For a copy of a replicated model, running, limit and making_way are the copy's own;
+        waiting requests may go to any copy."""
         q = self.scheduler.of(name)
         mq = self.scheduler.max_queue(name)
         if q is None:
             return {"queue": {"waiting": 0, "running": 0, "max_queue": mq}}
-        return {
-            "queue": {
-                "waiting": q.waiting,
-                "running": q.running,
-                "limit": q.limit,
-                "max_queue": mq,
-                "oldest_wait_s": round(q.oldest_wait_s, 3),
-                "making_way": q.yielding,
-                "started": q.started,
-                "rejected": q.rejected,
-                "swaps": q.swaps,
-                "service_s": None if q.service_s is None else round(q.service_s, 3),
-            }
+        doc: dict[str, Any] = {
+            "waiting": q.waiting,
+            "running": q.running,
+            "limit": q.limit,
+            "max_queue": mq,
+            "oldest_wait_s": round(q.oldest_wait_s, 3),
+            "making_way": q.yielding,
+            "started": q.started,
+            "rejected": q.rejected,
+            "swaps": q.swaps,
+            "service_s": None if q.service_s is None else round(q.service_s, 3),
         }
+        mc = self.cfg.model(name)
+        if mc is not None and mc.replicated:
+            copy = next((r for r in q.replicas if r.backend == backend), None)
+            doc.update(
+                running=copy.running if copy else 0,
+                limit=copy.limit if copy else None,
+                making_way=bool(copy and copy.yielding),
+            )
+        return {"queue": doc}
 
     def _footprint(self, name: str, m: Model | None, backend: str | None) -> dict[str, Any]:
         """A model's known GPU footprint for `llmctl plan`, and its quantisation."""
@@ -311,21 +320,24 @@ class Admin:
 
     def models_doc(self) -> list[dict[str, Any]]:
         """Every configured, pulled or seen model with its state and keep-alive."""
-        names: dict[str, str | None] = {}
+        # One row per model record: (name, backend) by the record's key (see Lifecycle.key).
+        rows: dict[str, tuple[str, str | None]] = {}
         for conf in self.cfg.models:
-            names[conf.name] = conf.backend or self.cfg.backends[0].name
+            for placed in conf.backends or (self.cfg.backends[0].name,):
+                rows[self.lifecycle.key(conf.name, placed)] = (conf.name, placed)
         for b in self.cfg.backends:
             for t in self.backends.tags(b.name):
-                names.setdefault(t.name, b.name)
+                if self.cfg.model(t.name) is None:
+                    rows.setdefault(t.name, (t.name, b.name))
         for known in self.lifecycle.models.values():
-            names[known.name] = known.backend
+            rows[known.key] = (known.name, known.backend)
         out = []
         now = time.monotonic()
-        for name, backend in sorted(names.items()):
+        for key, (name, backend) in sorted(rows.items(), key=lambda kv: (kv[1][0], kv[0])):
             if not name:
                 continue
             mc = self.cfg.model(name)
-            m = self.lifecycle.models.get(name)
+            m = self.lifecycle.models.get(key)
             # Another name of the same model (same digest) may be what its runner loaded as.
             runner = self.lifecycle.runner_of(name, backend)
             if runner is not None:
@@ -352,7 +364,8 @@ class Admin:
                         else None
                     ),
                     "in_flight": m.in_flight if m else 0,
-                    **self._queue(name),
+                    "replica": bool(mc and mc.replicated),
+                    **self._queue(name, backend),
                     "size": m.size if m else 0,
                     "size_vram": m.size_vram if m else 0,
                     "loads": m.loads if m else 0,

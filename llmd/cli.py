@@ -238,7 +238,8 @@ async def _plan(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     if not models:
         status = await c.status()
         for m in status["models"]:
-            if not m.get("footprint_bytes"):
+            # A replicated model has a row per copy: the plan counts one.
+            if not m.get("footprint_bytes") or any(p.name == m["name"] for p in models):
                 continue
             models.append(
                 planner.PlanModel(

@@ -234,6 +234,9 @@ class ModelConfig:
 
     name: str
     backend: str | None = None
+    # Replicas: the backends that may each serve a copy of it (more than one: see
+    # `replicated`); `backend` is then the first of them.
+    backends: tuple[str, ...] = ()
     priority: int = 5
     pin: bool = False
     preload: bool = False
@@ -249,6 +252,11 @@ class ModelConfig:
     # None: the [scheduler] value.
     max_queue: int | None = None
     queue_timeout: float | None = None
+
+    @property
+    def replicated(self) -> bool:
+        """Whether several backends may each hold a copy of it (one record per backend)."""
+        return len(self.backends) > 1
 
 
 @dataclass(frozen=True)
@@ -623,9 +631,15 @@ def _read_model(file: Path, i: int, table: object) -> ModelConfig:
     name = sec.require("name", _str)
     if not name.strip():
         raise sec.fail("name", "must not be empty")
+    backend = sec.get("backend", None, _str)
+    no_backends: tuple[str, ...] = ()
+    backends = sec.get("backends", no_backends, _backend_list)
+    if backend is not None and backends:
+        raise sec.fail("backends", "set either backend or backends, not both")
     m = ModelConfig(
         name=normalize_model(name),
-        backend=sec.get("backend", None, _str),
+        backend=backends[0] if backends else backend,
+        backends=backends or ((backend,) if backend is not None else ()),
         priority=sec.get("priority", ModelConfig.priority, _priority),
         pin=sec.get("pin", False, _bool),
         preload=sec.get("preload", False, _bool),
@@ -671,6 +685,16 @@ def _runner_options(v: object) -> dict[str, int | bool]:
     return out
 
 
+def _backend_list(v: object) -> tuple[str, ...]:
+    names = _str_list(v)
+    if not names:
+        raise ValueError('expected at least one backend name, such as ["gpu0", "gpu1"]')
+    dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise ValueError(f"{dup!r} is listed twice")
+    return names
+
+
 def _priority(v: object) -> int:
     p = _int(v)
     if p < 0:
@@ -714,11 +738,11 @@ def _check_whole(cfg: Config) -> None:
         if m.name in names:
             raise ConfigError(file, f"model[{i}].name", f"duplicate model {m.name!r}")
         names[m.name] = f"model[{i}].name"
-        if m.backend is not None and m.backend not in seen_names:
-            known = ", ".join(seen_names)
-            raise ConfigError(
-                file, f"model[{i}].backend", f"no backend named {m.backend!r} (backends: {known})"
-            )
+        for j, placed in enumerate(m.backends):
+            if placed not in seen_names:
+                known = ", ".join(seen_names)
+                key = f"model[{i}].backends[{j}]" if m.replicated else f"model[{i}].backend"
+                raise ConfigError(file, key, f"no backend named {placed!r} (backends: {known})")
     for i, m in enumerate(cfg.models):
         for j, a in enumerate(m.aliases):
             if a in names or normalize_model(a) in names:
@@ -821,6 +845,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
         doc["model"] = [
             _table(
                 m,
+                # One backend is written as `backend`, several as `backends`.
+                backend=_if(not m.replicated),
+                backends=_if(m.replicated),
                 keep_alive=optional(lambda v: v if v == "adaptive" else _duration_text(v)),
                 options=dict,
                 queue_timeout=optional(_duration_text),
@@ -828,6 +855,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             for m in cfg.models
         ]
     return doc
+
+
+def _if(keep: bool) -> Callable[[Any], object]:
+    """A conversion that keeps a value, or leaves its key out."""
+    return lambda v: v if keep else None
 
 
 def _table(obj: Any, **convs: Callable[[Any], object]) -> dict[str, object]:

@@ -102,8 +102,22 @@ class Lifecycle:
             fn()
 
     def configure(self, cfg: Config) -> None:
-        """Take a reloaded config; idle timers keep their deadlines until `rearm`."""
+        """Take a reloaded config; idle timers keep their deadlines until `rearm`. A model that
+        became (or stopped being) replicated has its records keyed anew; of two records that
+        want one key, the other keeps its old one until it unloads."""
         self.cfg = cfg
+        for m in list(self.models.values()):
+            key = self.key(m.name, m.backend)
+            if key == m.key:
+                continue
+            other = self.models.get(key)
+            if other is not None and (other.resident or not m.resident):
+                if not m.resident:
+                    del self.models[m.key]  # an unloaded record: the other is the model's
+                continue
+            del self.models[m.key]
+            m.key = key
+            self.models[key] = m  # in place of an unloaded record, if there was one
 
     def rearm(self) -> None:
         """Re-decide every idle model's keep-alive (after a reload or a pin) and re-arm its
@@ -120,32 +134,60 @@ class Lifecycle:
 
     # -- records ----------------------------------------------------------------------------------
 
+    def key(self, name: str, backend: str) -> str:
+        """The key of a model's record on a backend: its name, or name@backend for a replica
+        of a model served from several backends (one record per backend)."""
+        mc = self.cfg.model(name)
+        return f"{name}@{backend}" if mc is not None and mc.replicated else name
+
     def _record(self, name: str, child: Child) -> Model:
-        """The state record of a model, created on first sight; an unloaded model's record
-        follows it to the child now serving its name."""
-        m = self.models.get(name)
+        """The state record of a model on a child, created on first sight; an unloaded model's
+        record follows it to the child now serving its name (a replica's stays on its own)."""
+        key = self.key(name, child.name)
+        m = self.models.get(key)
         if m is None:
-            m = self.models[name] = Model(name, child.name)
+            m = self.models[key] = Model(name, child.name, key=key)
         elif m.backend != child.name and m.state is MState.UNLOADED:
             m.backend = child.name
         if m.state is MState.UNLOADED:
             m.digest = self.backends.digest_of(name, child.name) or m.digest
         return m
 
+    def record_on(self, name: str, backend: str) -> Model | None:
+        """A model's own record on a backend, if it has one there."""
+        m = self.models.get(self.key(name, backend))
+        return m if m is not None and m.backend == backend else None
+
     def runner_of(self, name: str, backend: str | None = None) -> Model | None:
-        """The loaded (or loading, or unloading) model record that serves this name: its own,
-        else another name's with the same digest on the same backend, as Ollama shares it."""
-        own = self.models.get(name)
-        if own is not None and own.state is not MState.UNLOADED:
+        """The loaded (or loading, or unloading) model record that serves this name (on that
+        backend, for a replicated model): its own, else another name's with the same digest on
+        the same backend, as Ollama shares it."""
+        return next(iter(self._runners(name, backend)), None)
+
+    def runners_of(self, name: str) -> list[Model]:
+        """Every resident record serving this name: one, or one per replica."""
+        return list(self._runners(name, None))
+
+    def _runners(self, name: str, backend: str | None) -> list[Model]:
+        own = [
+            m
+            for m in self.models.values()
+            if m.name == name
+            and m.state is not MState.UNLOADED
+            # A model's one record is its runner wherever it is (the lease moves there).
+            and (backend is None or not m.replica or m.backend == backend)
+        ]
+        if own:
             return own
+        shared = []
         for m in self.models.values():
             if m.state is MState.UNLOADED or m.name == name or m.digest is None:
                 continue
             if backend is not None and m.backend != backend:
                 continue
             if self.backends.digest_of(name, m.backend) == m.digest:
-                return m
-        return None
+                shared.append(m)
+        return shared
 
     def _for_request(self, name: str, child: Child) -> Model:
         """The record a request for `name` on `child` holds: the runner already serving the
@@ -204,6 +246,7 @@ class Lifecycle:
         m.idle_since = None
         m.prewarm_at = None
         m.prewarmed = False
+        m.extra = False
         self._timers_changed.set()
         task = asyncio.current_task()
         if task is not None:
@@ -292,17 +335,21 @@ class Lifecycle:
             self._room_changed.set()  # an idle model may now be evicted
         self._changed()
 
-    def note_queue(self, name: str, queued: int, yielding: bool) -> None:
-        """The scheduler's word on a model: requests waiting in its queue (they keep the model
-        from being evicted, as in-flight ones do) and whether it is making way for another."""
+    def note_queue(
+        self, name: str, backend: str, queued: int, granted: int, yielding: bool
+    ) -> None:
+        """The scheduler's word on a model's record on a backend: requests waiting that may
+        use it, and those granted it that are on their way (both keep it from being evicted,
+        as in-flight ones do; waiting ones not while it makes way), and whether it is making
+        way for another model."""
         name = normalize_model(name)
-        m = self.runner_of(name) or self.models.get(name)  # unloaded: its own record
+        m = self.runner_of(name, backend) or self.record_on(name, backend)  # unloaded: its own
         if m is None:
             return
         m.scheduled = True
-        if (m.queued, m.yielding) == (queued, yielding):
+        if (m.queued, m.granted, m.yielding) == (queued, granted, yielding):
             return
-        m.queued, m.yielding = queued, yielding
+        m.queued, m.granted, m.yielding = queued, granted, yielding
         self._room_changed.set()  # a load waiting for memory looks again
         if not m.busy and m.state is MState.LOADED:
             self._timers_changed.set()
@@ -381,7 +428,7 @@ class Lifecycle:
         try:
             return await self._admit_and_load(m, child, runner, reason)
         finally:
-            self.memory.release(m.name)  # loaded (the probe sees it) or failed
+            self.memory.release(m.key)  # loaded (the probe sees it) or failed
 
     async def _admit_and_load(
         self, m: Model, child: Child, runner: dict[str, Any], reason: str
@@ -428,7 +475,9 @@ class Lifecycle:
         """Make room on the backend's GPUs first, so that Ollama never evicts or spills:
         ask memory, evict whom it names, wait when it says wait."""
         # A pre-warm only uses free memory: it never evicts or waits.
-        load = await self.memory.cold_load(m, child, runner, may_evict=not m.prewarmed)
+        load = await self.memory.cold_load(
+            m, child, runner, may_evict=not m.prewarmed, may_wait=not m.extra
+        )
         if load is None:
             return  # admission is off
         started = self._clock()
@@ -453,8 +502,7 @@ class Lifecycle:
                     # more important idle model is evicted on a guess (ski rental).
                     started = self._clock()
                 self._room_changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._room_changed.wait(), a.wait_s)
+                await _wait_event(self._room_changed, a.wait_s)
                 await self.memory.look_again(load)
         finally:
             self._set_blocked(m, ())
@@ -469,9 +517,9 @@ class Lifecycle:
         m.blocked_by = blockers
         self._changed()
 
-    def _claimed(self, name: str) -> bool:
+    def _claimed(self, key: str) -> bool:
         """Whether a model blocking a load keeps its memory until the scheduler says."""
-        b = self.models.get(name)
+        b = self.models.get(key)
         return b is not None and b.scheduled and not b.yielding
 
     async def _post_load(self, m: Model, child: Child, runner: dict[str, Any]) -> None:
@@ -524,11 +572,19 @@ class Lifecycle:
         return lease.model
 
     async def unload(self, name: str, reason: str) -> str:
-        """Unload a model now, or as soon as its in-flight requests finish; say which."""
+        """Unload a model now (every replica of it), or as soon as its in-flight requests
+        finish; say which."""
         name = normalize_model(name)
-        m = self.runner_of(name)  # Ollama unloads a shared runner by any of its names
-        if m is None:
+        # Ollama unloads a shared runner by any of its names.
+        runners = self.runners_of(name)
+        outcomes = [await self._unload_one(m, reason) for m in runners]
+        if not outcomes:
             return "not loaded"
+        if len(set(outcomes)) == 1:
+            return outcomes[0]
+        return "; ".join(f"{m.backend}: {o}" for m, o in zip(runners, outcomes, strict=True))
+
+    async def _unload_one(self, m: Model, reason: str) -> str:
         if m.in_flight > 0 or m.state is MState.LOADING:
             m.unload_when_idle = True
             return "will unload when its in-flight requests finish"
@@ -544,11 +600,11 @@ class Lifecycle:
             task.cancel()
         await self._unload(m, reason, kind="evict")
 
-    async def _evict_all(self, names: tuple[str, ...], why: str, *, preempt: bool) -> None:
-        """Evict the models memory chose; one that became busy meanwhile is kept unless
+    async def _evict_all(self, keys: tuple[str, ...], why: str, *, preempt: bool) -> None:
+        """Evict the model records memory chose; one that became busy meanwhile is kept unless
         preempting (the caller then looks again)."""
-        for name in names:
-            m = self.models.get(name)
+        for key in keys:
+            m = self.models.get(key)
             if m is None or m.state is not MState.LOADED:
                 continue
             if not m.busy:
@@ -600,8 +656,7 @@ class Lifecycle:
             due = await self.tick()
             wait = None if due is None else max(0.0, due - self._clock())
             self._timers_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timers_changed.wait(), wait)
+            await _wait_event(self._timers_changed, wait)
 
     async def tick(self) -> float | None:
         """Act on every timer due by the clock now; return when the next one is due."""
@@ -643,11 +698,34 @@ class Lifecycle:
         ]
         return min(deadlines) if deadlines else None
 
+    def load_time(self, name: str) -> float:
+        """How long the model takes to load: measured (by the store, else on any copy of it),
+        else a guess."""
+        m = next((r for r in self.models.values() if r.name == name and r.last_load_s), None)
+        return modelinfo.policy_inputs(self.cfg, self._history, name, m).load_s
+
+    def add_replica(self, name: str, child: Child, reason: str) -> bool:
+        """Start loading one more copy of a replicated model on `child` for the requests
+        waiting for it, through admission like any load (it evicts only less important idle
+        models, else waits up to gpu.admission_timeout, else fails: logged); whether it
+        started. Once loaded it idles out on the model's keep-alive like any other record."""
+        if not child.running:
+            return False
+        m = self._record(name, child)
+        if m.state is not MState.UNLOADED or not m.replica:
+            return False
+        # As the model's other copies were loaded: requests are fitted to those options.
+        sibling = next((r for r in self.runners_of(name) if r.runner_options), None)
+        m.extra = True  # the backlog may be gone by the time memory would free up
+        self._start_load(m, child, sibling.runner_options if sibling else None, reason)
+        return True
+
     def _prewarm(self, m: Model) -> None:
-        """Reload a model just before its predicted next request, into free memory only."""
+        """Reload a model just before its predicted next request, into free memory only (not
+        an extra copy: one loaded copy serves a predicted request)."""
         m.prewarm_at = None
         child = self.backends.children.get(m.backend)
-        if child is None or not child.running:
+        if child is None or not child.running or any(r is not m for r in self.runners_of(m.name)):
             return
         m.prewarmed = True
         # As its last load was: a pre-warm with other runner options would be reloaded.
@@ -780,6 +858,16 @@ class Lifecycle:
         for task in list(self._loads):
             with contextlib.suppress(BaseException):
                 await task
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait until the event is set or `timeout` seconds (None: no limit) have passed.
+
+    Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes as the event is
+    set, and a load or the timers loop would then outlive llmd's shutdown."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
 
 
 def _is_runner_of(r: Runner, m: Model) -> bool:

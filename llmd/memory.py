@@ -76,6 +76,7 @@ class ColdLoad:
     preempt: bool
     spill_ok: bool
     may_evict: bool
+    may_wait: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ class Memory:
         self._history = history
         self._clock = clock
         self._estimates: dict[str, Footprint] = {}
-        # Loads admitted but not yet seen by the probe: name -> (bytes, GPU indexes). Without
-        # this, two cold models requested at once would both be admitted into the same memory.
+        # Loads admitted but not yet seen by the probe: record key -> (bytes, GPU indexes).
+        # Without this, two cold models requested at once would both be admitted into the same
+        # memory.
         self._reserved: dict[str, tuple[int, frozenset[int]]] = {}
 
     def configure(self, cfg: Config) -> None:
@@ -215,20 +217,22 @@ class Memory:
             - reserved
         )
         if child is not None and any(
-            m.backend == child.name and m.name != exclude and m.resident for m in models
+            m.backend == child.name and m.key != exclude and m.resident for m in models
         ):
             free = sum(d.free_bytes for d in devices) - reserved
             room = min(room, int(OLLAMA_PREFLIGHT * free))
         return max(room, 0)
 
-    def release(self, name: str) -> None:
-        """A load admitted earlier has finished or failed: the probe now sees what it took."""
-        self._reserved.pop(name, None)
+    def release(self, key: str) -> None:
+        """A load admitted earlier (of the model record with this key) has finished or failed:
+        the probe now sees what it took."""
+        self._reserved.pop(key, None)
 
     def _candidates(
         self, devices: list[gpu.Device], models: Iterable[Model], exclude: str
     ) -> list[policy.Candidate]:
-        """Loaded models that share any of these GPUs."""
+        """Loaded models that share any of these GPUs, but for the one named `exclude` (all its
+        copies: one replica never makes room for another); named by their records' keys."""
         indexes = {d.index for d in devices}
         now = self._clock()
         out = []
@@ -245,7 +249,7 @@ class Memory:
                 inputs = dataclasses.replace(inputs, priority=YIELDING_PRIORITY)
             out.append(
                 policy.candidate(
-                    m.name,
+                    m.key,
                     inputs,
                     in_flight=m.holding,
                     size_bytes=m.size_vram or m.size,
@@ -257,10 +261,17 @@ class Memory:
         return out
 
     async def cold_load(
-        self, m: Model, child: Child, options: dict[str, Any], *, may_evict: bool = True
+        self,
+        m: Model,
+        child: Child,
+        options: dict[str, Any],
+        *,
+        may_evict: bool = True,
+        may_wait: bool = True,
     ) -> ColdLoad | None:
         """A cold load's request for room, or None when admission is off (no probe, or it
-        sees no GPU of this backend). A pre-warm passes may_evict=False: free memory only."""
+        sees no GPU of this backend). A pre-warm passes may_evict=False: free memory only; an
+        extra copy of a model may_wait=False: free memory, or idle less important models."""
         snap = await self.read()
         devices = self.devices_of(child, snap)
         if not devices:
@@ -276,26 +287,34 @@ class Memory:
             preempt=bool(mc and mc.preempt),
             spill_ok=bool(mc and mc.allow_cpu_spill),
             may_evict=may_evict,
+            may_wait=may_wait,
         )
 
     def admit(self, load: ColdLoad, models: Collection[Model], *, waited_s: float) -> Admission:
         """One look at a cold load against the GPUs as last read; raises NoRoom once it has
-        waited gpu.admission_timeout (or at once, for a load that may not evict)."""
-        name, fp, devices = load.model.name, load.footprint, load.devices
-        room = self._room(devices, load.child, models, exclude=name)
+        waited gpu.admission_timeout (or at once, for a load that may not evict or wait)."""
+        name, key, fp, devices = load.model.name, load.model.key, load.footprint, load.devices
+        room = self._room(devices, load.child, models, exclude=key)
         if fp.bytes <= room:
-            self._reserved[name] = (fp.bytes, frozenset(d.index for d in devices))
+            self._reserved[key] = (fp.bytes, frozenset(d.index for d in devices))
             return Admission(admitted=True)
         if not load.may_evict:
             raise NoRoom(f"{name} does not fit in free GPU memory", 1)
         need = fp.bytes - room
         cands = self._candidates(devices, models, name)
-        claimed = {m.name for m in models if m.scheduled and not m.yielding}
+        claimed = {m.key for m in models if m.scheduled and not m.yielding}
         victims = policy.choose_victims(
             cands, need, requester_priority=load.priority, preempt=load.preempt
         )
         if victims is None and load.spill_ok:
             return Admission(admitted=True)  # allowed to run partly on the CPU: no waiting
+        if victims is None and not load.may_wait:
+            raise NoRoom(
+                f"no room for another copy of {name} on {_where(devices)}: it needs "
+                f"{_gib(fp.bytes)} and {_gib(room)} is free; only idle, less important models "
+                "are evicted for it, and none would do",
+                1,
+            )
         if victims is None:
             # Only more important idle models could make room. Waiting costs this request;
             # evicting costs their likely next request: wait until the two are equal
@@ -321,15 +340,15 @@ class Memory:
         return Admission(False, wait_s=min(RECHECK_S, left))
 
     def blockers(self, load: ColdLoad, models: Collection[Model]) -> tuple[str, ...]:
-        """The models whose leaving would make room for a waiting load but which admission
-        may not evict now: busy ones (requests in flight or queued) and more important idle
-        ones. llmd's scheduler decides when they make way. () when free memory or evictable
-        models would do, or when nothing but pinned models could."""
-        name = load.model.name
-        need = load.footprint.bytes - self._room(load.devices, load.child, models, exclude=name)
+        """The models (record keys) whose leaving would make room for a waiting load but which
+        admission may not evict now: busy ones (requests in flight or queued) and more
+        important idle ones. llmd's scheduler decides when they make way. () when free memory
+        or evictable models would do, or when nothing but pinned models could."""
+        key = load.model.key
+        need = load.footprint.bytes - self._room(load.devices, load.child, models, exclude=key)
         if need <= 0:
             return ()
-        cands = self._candidates(load.devices, models, name)
+        cands = self._candidates(load.devices, models, load.model.name)
         held = {c.name for c in cands if c.in_flight > 0 or c.priority < load.priority}
         if not held:
             return ()

@@ -126,8 +126,8 @@ class Merged:
         answers, missing = await self._gather("/api/ps")
         for child, doc in answers:
             for e in doc.get("models") or []:
-                m = self.lifecycle.models.get(e.get("name", ""))
-                if m is not None and m.backend == child.name:
+                m = self.lifecycle.record_on(str(e.get("name", "")), child.name)
+                if m is not None:
                     e = {**e, "expires_at": self._expires_at(m, e.get("expires_at"))}
                 entries.append(e)
         entries.sort(key=lambda e: parse_time(e.get("expires_at")), reverse=True)

@@ -184,17 +184,22 @@ class Metrics:
             "1 if the model is loaded.",
             ((lab(("model", "backend"), m.name, m.backend), float(m.loaded)) for m in models),
         )
+        # A replicated model has a record per backend: summed per model below, so that the
+        # model-only label sets stay unique (llmd_model_loaded has the backend).
+        per_model: dict[str, list[ModelGauges]] = {}
+        for m in models:
+            per_model.setdefault(m.name, []).append(m)
         family(
             "llmd_model_in_flight",
             "gauge",
             "Requests in flight per model.",
-            ((lab(("model",), m.name), m.in_flight) for m in models),
+            ((lab(("model",), n), sum(m.in_flight for m in ms)) for n, ms in per_model.items()),
         )
         family(
             "llmd_model_vram_bytes",
             "gauge",
-            "GPU memory held by the model.",
-            ((lab(("model",), m.name), m.vram_bytes) for m in models),
+            "GPU memory held by the model (every copy of it).",
+            ((lab(("model",), n), sum(m.vram_bytes for m in ms)) for n, ms in per_model.items()),
         )
         family(
             "llmd_model_keep_alive_seconds",
@@ -202,17 +207,20 @@ class Metrics:
             "The keep-alive the model's idle timer uses (-1: forever).",
             (
                 (
-                    lab(("model", "source"), m.name, m.keep_alive_source),
-                    -1 if m.keep_alive_s is None else m.keep_alive_s,
+                    lab(("model", "source"), n, ms[0].keep_alive_source),
+                    -1 if ms[0].keep_alive_s is None else ms[0].keep_alive_s,
                 )
-                for m in models
+                for n, ms in per_model.items()
             ),
         )
         family(
             "llmd_runner_options_overridden_total",
             "counter",
             "Requests whose runner options (num_ctx...) llmd replaced by the loaded ones.",
-            ((lab(("model",), m.name), m.options_overridden) for m in models),
+            (
+                (lab(("model",), n), sum(m.options_overridden for m in ms))
+                for n, ms in per_model.items()
+            ),
         )
         children = snap.backends
         family(

@@ -80,6 +80,9 @@ class Model:
     name: str
     backend: str
     state: MState = MState.UNLOADED
+    # How the lifecycle, memory and the scheduler name this record: the model's name, or for a
+    # replica of a model served from several backends, name@backend (see Lifecycle.key).
+    key: str = ""
     # What the backend's runner is keyed by (Ollama's scheduler keys runners by the model's
     # file, not its name): two names with one digest share one runner, listed under the first.
     digest: str | None = None
@@ -101,9 +104,12 @@ class Model:
     prewarm_at: float | None = None  # monotonic time to reload an idle, unloaded model
     prewarm_expire_at: float | None = None
     prewarmed: bool = False  # loaded by pre-warm and not used since
+    extra: bool = False  # an extra copy loading for a backlog: it never waits for memory
     # Told by the scheduler (Lifecycle.note_queue): requests waiting in llmd's queue for this
-    # model, and whether it is making way for another model that needs its memory.
+    # model, those granted a slot that have not reached the lifecycle yet, and whether it is
+    # making way for another model that needs its memory.
     queued: int = 0
+    granted: int = 0
     yielding: bool = False
     scheduled: bool = False  # has a queue: the scheduler decides when it makes way
     # While its load waits for memory: the models whose leaving would make room but which
@@ -116,6 +122,14 @@ class Model:
     context_length: int | None = None  # as the child's /api/ps last listed it
     options_overridden: int = 0  # requests whose runner options llmd replaced
 
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
+
+    @property
+    def replica(self) -> bool:
+        """Whether it is one of several copies of its model, each on its own backend."""
+        return self.key != self.name
+
     @property
     def resident(self) -> bool:
         """Whether it holds (or is about to hold) memory in its child."""
@@ -123,9 +137,9 @@ class Model:
 
     @property
     def holding(self) -> int:
-        """What keeps it from being evicted: in-flight requests and, unless it is making way,
-        queued ones about to start."""
-        return self.in_flight + (0 if self.yielding else self.queued)
+        """What keeps it from being evicted: in-flight requests, those granted a slot, and
+        unless it is making way, queued ones about to start."""
+        return self.in_flight + self.granted + (0 if self.yielding else self.queued)
 
     @property
     def busy(self) -> bool:

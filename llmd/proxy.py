@@ -276,6 +276,31 @@ class Proxy:
         """The running child that owns a model, once it is running (see _located, _serving)."""
         return await self._serving(request, await self._located(name, request, shown))
 
+    async def _copies(self, name: str, request: web.Request, shown: str) -> list[Child]:
+        """The children that may serve a model: its owner once it is running (see _owner), or,
+        for a model with several backends (replicas), all of them once any is running; the
+        scheduler picks one. While none is, they are waited for like one child."""
+        mc = self.cfg.model(name)
+        if mc is None or not mc.replicated:
+            return [await self._owner(name, request, shown)]
+        children = [c for b in mc.backends if (c := self.backends.children.get(b)) is not None]
+        if any(c.running for c in children):
+            return children
+        coming = [c for c in children if c.coming_up]
+        if coming:
+            limit = max(c.cfg.start_timeout for c in coming)
+            await self.backends.wait_for(
+                lambda: any(c.running for c in children) or not any(c.coming_up for c in children),
+                _arrived(request) + limit,
+            )
+            if any(c.running for c in children):
+                return children
+            self._stop_waiting_if_draining()
+            still = [c for c in children if c.coming_up]
+            if still:
+                raise not_started(still[0], limit)
+        raise no_backend(self.backends, children[0])
+
     async def _located(self, name: str, request: web.Request, shown: str) -> Child:
         """The child that owns a model, running or not. While the model is on no backend listed
         so far but one coming up may have it, wait for that one (see _wait_running) and look
@@ -354,7 +379,7 @@ class Proxy:
             body["model"] = name  # an alias: the child knows the model; else echo as sent
         if native and self._is_unload(request.path, body):
             return await self._unload(request, raw, name)
-        child = await self._owner(name, request, raw)
+        children = await self._copies(name, request, raw)
         if native:
             # llmd owns keep-alive: a client's value must not shorten (or pin) the model.
             body["keep_alive"] = -1
@@ -366,7 +391,7 @@ class Proxy:
                 raise ProxyError(400, str(e)) from None
         t0 = time.time()
         try:
-            async with self.scheduler.turn(name, child):
+            async with self.scheduler.turn(name, children) as child:
                 # The model's state as the request's turn comes decides its runner options
                 # (no await from here to the lease, which may start a load with them).
                 options = self.lifecycle.fit_options(name, child, body, native=native)

@@ -111,6 +111,18 @@ def test_reference_config_documents_every_field() -> None:
         ('[[backend]]\nname = "a"\ngpus = ["0"]', "backend[0].gpus", "GPU indexes"),
         ('[[backend]]\nname = "a"\nenv = {X = 1}', "backend[0].env", "table of strings"),
         ('[[model]]\nname = "m"\nbackend = "gpu9"', "model[0].backend", "no backend named"),
+        (
+            '[[backend]]\nname = "a"\n[[model]]\nname = "m"\nbackends = ["a", "gpu9"]',
+            "model[0].backends[1]",
+            "no backend named 'gpu9'",
+        ),
+        ('[[model]]\nname = "m"\nbackends = []', "model[0].backends", "at least one"),
+        ('[[model]]\nname = "m"\nbackends = ["a", "a"]', "model[0].backends", "listed twice"),
+        (
+            '[[model]]\nname = "m"\nbackend = "a"\nbackends = ["a"]',
+            "model[0].backends",
+            "either backend or backends",
+        ),
         ('[[model]]\nname = "m"\npriority = -1', "model[0].priority", ">= 0"),
         ('[[model]]\nname = "m"\nkeep_alive = "soon"', "model[0].keep_alive", "duration"),
         ('[[model]]\nname = "m"\npinned = true', "model[0].pinned", "unknown key"),
@@ -348,6 +360,9 @@ name = "library/llama3:8b"
 keep_alive = 0
 preempt = true
 allow_cpu_spill = true
+[[model]]
+name = "codellama:7b"
+backends = ["a", "b"]
 """
 
 
@@ -385,7 +400,10 @@ def test_to_dict_mirrors_the_files_sections_and_keys(tmp_path: Path) -> None:
     backend_keys = [f.name for f in dataclasses.fields(config.BackendConfig)]
     assert [list(b) for b in doc["backend"]] == [backend_keys, backend_keys]
     model_keys = [f.name for f in dataclasses.fields(config.ModelConfig)]
-    assert list(doc["model"][1]) == [k for k in model_keys if k != "backend"]
+    assert list(doc["model"][1]) == [k for k in model_keys if k not in ("backend", "backends")]
+    # One backend is written as `backend`, several as `backends`.
+    assert doc["model"][0]["backend"] == "b" and "backends" not in doc["model"][0]
+    assert doc["model"][3]["backends"] == ["a", "b"] and "backend" not in doc["model"][3]
     assert doc["proxy"]["max_connections"] == 64
     assert doc["gpu"]["total"] == "24GB"
 

@@ -22,11 +22,16 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def config(
-    models: list[dict[str, Any]], parallel: int = 1, admission: str = "30s", **scheduler: Any
+    models: list[dict[str, Any]],
+    parallel: int = 1,
+    admission: str = "30s",
+    backends: tuple[str, ...] = ("b0",),
+    **scheduler: Any,
 ) -> Config:
     """The rig's config (see fakes.make_config) with num_parallel and [scheduler] keys."""
-    base = to_dict(make_config(models, gpu={"admission_timeout": admission}))
-    base["backend"][0]["num_parallel"] = parallel
+    base = to_dict(make_config(models, backends=backends, gpu={"admission_timeout": admission}))
+    for b in base["backend"]:
+        b["num_parallel"] = parallel
     base["scheduler"] = scheduler
     return from_dict(base)
 
@@ -39,14 +44,20 @@ class Traffic:
         self.started: list[str] = []  # request ids in the order they reached the model
         self.gates: dict[str, asyncio.Event] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.on: dict[str, str] = {}  # request id -> the backend it ran on
 
     def send(self, model: str, rid: str) -> asyncio.Task[None]:
-        """A request that arrives 1 ms (fake clock) after the one before."""
+        """A request that arrives 1 ms (fake clock) after the one before; a model with several
+        backends may run on any of them."""
         self.r.clock.advance(0.001)
         gate = self.gates[rid] = asyncio.Event()
+        mc = self.r.cfg.model(model)
+        children = [self.r.backends.children[b] for b in mc.backends] if mc else []
+        children = children if mc and mc.replicated else [self.r.child]
 
         async def request() -> None:
-            async with self.s.turn(model, self.r.child), self.r.lc.lease(model, self.r.child):
+            async with self.s.turn(model, children) as child, self.r.lc.lease(model, child):
+                self.on[rid] = child.name
                 self.started.append(rid)
                 await gate.wait()
 
@@ -100,7 +111,7 @@ async def test_a_full_queue_answers_429_with_a_retry_after_from_the_service_time
         t.send("a:1b", "w2")
         await wait_until(lambda: t.s.of("a:1b").waiting == 2)  # type: ignore[union-attr]
         with pytest.raises(Rejected) as e:
-            async with t.s.turn("a:1b", r.child):
+            async with t.s.turn("a:1b", [r.child]):
                 pass
         assert e.value.status == 429 and e.value.reason == "queue_full"
         assert "max_queue = 2" in e.value.message and "a:1b" in e.value.message
@@ -115,7 +126,7 @@ async def test_a_request_waiting_past_queue_timeout_gets_503_and_leaves_the_queu
         t.send("a:1b", "a0")
         await wait_until(lambda: t.started == ["a0"])
         with pytest.raises(Rejected) as e:
-            async with t.s.turn("a:1b", r.child):
+            async with t.s.turn("a:1b", [r.child]):
                 pass
         assert e.value.status == 503 and e.value.reason == "queue_timeout"
         assert "queue_timeout" in e.value.message and e.value.retry_after_s >= 1
@@ -232,8 +243,60 @@ async def test_the_schedulers_word_reaches_a_model_that_has_unloaded() -> None:
     async with rig(config([])) as r:
         r.add("a:1b", 2)
         await r.lc.load("a:1b", r.child, "test")
-        r.lc.note_queue("a:1b", 2, True)
+        r.lc.note_queue("a:1b", r.child.name, 2, 0, True)
         await r.lc.unload("a:1b", "test")
-        r.lc.note_queue("a:1b", 0, False)
+        r.lc.note_queue("a:1b", r.child.name, 0, 0, False)
         m = r.lc.models["a:1b"]
         assert (m.queued, m.yielding, m.busy) == (0, False, False)
+
+
+REPLICATED = [{"name": "a:1b", "backends": ["b0", "b1"]}]
+
+
+async def test_a_backlog_longer_than_a_load_loads_another_copy_which_takes_the_next() -> None:
+    async with sched(REPLICATED, backends=("b0", "b1")) as (r, t):
+        r.add("a:1b", 2)  # loads in 2 s, as the store measured
+        r.add("a:1b", 2, backend="b1")
+        t.send("a:1b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        assert t.on == {"a0": "b0"} and r.apis["b1"].calls == []  # the first copy only
+        # No service time measured yet (5 s assumed): one waiting behind one running is about
+        # 10 s on one copy, longer than the 2 s load.
+        t.send("a:1b", "a1")
+        await wait_until(lambda: t.started == ["a0", "a1"])
+        assert t.on["a1"] == "b1" and r.apis["b1"].calls == [("load", "a:1b")]
+        assert sorted(r.lc.models) == ["a:1b@b0", "a:1b@b1"]
+        q = t.s.of("a:1b")
+        assert q is not None and (q.running, q.limit) == (2, 2)
+        assert [(c.backend, c.running) for c in q.replicas] == [("b0", 1), ("b1", 1)]
+        await t.finish("a0")
+        await t.finish("a1")
+
+
+async def test_a_backlog_shorter_than_a_load_waits_for_the_loaded_copy() -> None:
+    async with sched(REPLICATED, backends=("b0", "b1")) as (r, t):
+        r.add("a:1b", 2)
+        r.add("a:1b", 2, backend="b1")
+        t.send("a:1b", "a0")
+        await wait_until(lambda: t.started == ["a0"])
+        r.clock.advance(0.5)  # a request holds its copy 0.5 s
+        await t.finish("a0")
+        t.send("a:1b", "a1")
+        await wait_until(lambda: t.started == ["a0", "a1"])
+        # Two waiting behind one running: 1.5 s on one copy, less than the 2 s load.
+        t.send("a:1b", "a2")
+        t.send("a:1b", "a3")
+        await wait_until(lambda: t.s.of("a:1b").waiting == 2)  # type: ignore[union-attr]
+        await asyncio.sleep(0.05)
+        assert r.apis["b1"].calls == [] and "a:1b@b1" not in r.lc.models
+        await t.finish("a1")
+        await wait_until(lambda: len(t.started) == 3)
+        assert t.on["a2"] == "b0"
+        # A third waiting would make it 2 s: still not more than the load.
+        t.send("a:1b", "a4")
+        t.send("a:1b", "a5")
+        await asyncio.sleep(0.05)
+        assert r.apis["b1"].calls == []
+        # One more: 2.5 s, and the second copy loads.
+        t.send("a:1b", "a6")
+        await wait_until(lambda: r.apis["b1"].calls == [("load", "a:1b")])
