@@ -226,9 +226,21 @@ class Backends:
             return self.children.get(m.backend)
         return None
 
+    def copies(self, model: str) -> list[Child]:
+        """The children of a replicated model's backends, in config order ([] for any other
+        model: see locate)."""
+        m = self.cfg.model(model)
+        if m is None or not m.replicated:
+            return []
+        return [self.children[b] for b in m.backends if b in self.children]
+
     async def locate(self, model: str) -> Child | None:
-        """The child owning a model: its configured backend, else the first that has it pulled."""
+        """The child owning a model: its configured backend (for a replicated model, the first
+        running one of its backends), else the first that has it pulled."""
         model = normalize_model(model)
+        running = [c for c in self.copies(model) if c.running]
+        if running:
+            return running[0]
         owner = self.configured_owner(model)
         if owner is not None:
             return owner

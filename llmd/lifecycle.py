@@ -169,13 +169,16 @@ class Lifecycle:
         return list(self._runners(name, None))
 
     def _runners(self, name: str, backend: str | None) -> list[Model]:
+        mc = self.cfg.model(name)
+        if mc is not None and mc.replicated:
+            on = mc.backends if backend is None else (backend,)
+            keys = [f"{name}@{b}" for b in on]
+        else:
+            keys = [name]  # its one record is its runner wherever it is (the lease moves there)
         own = [
             m
-            for m in self.models.values()
-            if m.name == name
-            and m.state is not MState.UNLOADED
-            # A model's one record is its runner wherever it is (the lease moves there).
-            and (backend is None or not m.replica or m.backend == backend)
+            for k in keys
+            if (m := self.models.get(k)) is not None and m.state is not MState.UNLOADED
         ]
         if own:
             return own
@@ -706,9 +709,10 @@ class Lifecycle:
 
     def add_replica(self, name: str, child: Child, reason: str) -> bool:
         """Start loading one more copy of a replicated model on `child` for the requests
-        waiting for it, through admission like any load (it evicts only less important idle
-        models, else waits up to gpu.admission_timeout, else fails: logged); whether it
-        started. Once loaded it idles out on the model's keep-alive like any other record."""
+        waiting for it, through admission like any load but without waiting for memory: free
+        memory or idle less important models, else it fails at once (logged, an event);
+        whether it started. Once loaded it idles out on the model's keep-alive like any other
+        record."""
         if not child.running:
             return False
         m = self._record(name, child)

@@ -280,10 +280,9 @@ class Proxy:
         """The children that may serve a model: its owner once it is running (see _owner), or,
         for a model with several backends (replicas), all of them once any is running; the
         scheduler picks one. While none is, they are waited for like one child."""
-        mc = self.cfg.model(name)
-        if mc is None or not mc.replicated:
+        children = self.backends.copies(name)
+        if not children:
             return [await self._owner(name, request, shown)]
-        children = [c for b in mc.backends if (c := self.backends.children.get(b)) is not None]
         if any(c.running for c in children):
             return children
         coming = [c for c in children if c.coming_up]

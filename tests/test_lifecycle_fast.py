@@ -378,3 +378,29 @@ async def test_every_listed_transition_is_accepted_and_no_other(old: MState, new
             with pytest.raises(IllegalTransition) as e:
                 r.lc._set_state(m, new)
             assert (e.value.old, e.value.new, m.state) == (old, new, old)
+
+
+async def test_a_reload_that_replicates_a_model_keys_its_records_by_backend_and_back() -> None:
+    single = make_config([{"name": "a:1b", "backend": "b0"}], backends=("b0", "b1"))
+    replicated = make_config([{"name": "a:1b", "backends": ["b0", "b1"]}], backends=("b0", "b1"))
+    async with rig(single) as r:
+        r.add("a:1b", 1)
+        r.add("a:1b", 1, backend="b1")
+        await r.lc.load("a:1b", r.child, reason="test")
+        assert list(r.lc.models) == ["a:1b"]
+        r.lc.configure(replicated)
+        m = r.lc.models["a:1b@b0"]
+        assert list(r.lc.models) == ["a:1b@b0"] and m.key == "a:1b@b0" and m.replica
+        assert m.state is MState.LOADED and r.lc.runner_of("a:1b", "b0") is m
+        assert r.lc.runner_of("a:1b", "b1") is None  # no copy there yet
+        b1 = r.backends.children["b1"]
+        assert r.lc.add_replica("a:1b", b1, reason="test")
+        await wait_until(lambda: r.lc.models["a:1b@b1"].state is MState.LOADED)
+        assert [x.backend for x in r.lc.runners_of("a:1b")] == ["b0", "b1"]
+        # Back to one backend: the copy on b0 is the model's record again; the one on b1 keeps
+        # its key until it leaves.
+        r.lc.configure(single)
+        assert sorted(r.lc.models) == ["a:1b", "a:1b@b1"]
+        assert r.lc.models["a:1b"] is m and m.key == "a:1b" and not m.replica
+        assert await r.lc.unload("a:1b", reason="test") == "unloaded"
+        assert r.lc.models["a:1b@b1"].state is MState.LOADED  # no longer one of its copies
