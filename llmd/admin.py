@@ -4,6 +4,7 @@ views of the core it answers with (status, models, pins, the /metrics snapshot).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ from llmd import __version__, metrics
 from llmd.backends import Backends
 from llmd.config import Config
 from llmd.connlimit import Connections, open_file_limit
+from llmd.feed import Feed, Filter, aiter_events
 from llmd.lifecycle import EventSink, Lifecycle
 from llmd.models import LoadError, Model, MState, policy_inputs
 from llmd.process import Child
@@ -30,6 +32,8 @@ log = logging.getLogger("llmd.admin")
 API_VERSION = 1
 API_HEADER = "X-Llmd-Api-Version"
 SOCKET_MODE = 0o660
+# A follower's stream gets a blank line this often without an event (to notice a gone client).
+HEARTBEAT_S = 15.0
 
 
 class AdminError(Exception):
@@ -89,6 +93,7 @@ class Admin:
         proxy: Proxy,
         connections: Connections,
         events: EventSink,
+        feed: Feed,
         control: Control,
     ) -> None:
         self.cfg = cfg
@@ -99,6 +104,7 @@ class Admin:
         self.proxy = proxy
         self.connections = connections
         self._events = events
+        self._feed = feed
         self._control = control
 
     def configure(self, cfg: Config) -> None:
@@ -117,6 +123,7 @@ class Admin:
         r.add_post("/v1/backends/{name}/restart", self.restart)
         r.add_post("/v1/reload", self.reload)
         r.add_get("/v1/events", self.events)
+        r.add_get("/v1/events/follow", self.follow)
         return app
 
     async def status(self, request: web.Request) -> web.Response:
@@ -185,9 +192,40 @@ class Admin:
             raise AdminError(400, "bad_request", "limit must be an integer") from None
         model = request.query.get("model")
         events = await self.store.events(
-            limit=limit, model=self.proxy.resolve(model) if model else None
+            limit=limit,
+            model=self.proxy.resolve(model) if model else None,
+            kinds=_kinds(request),
         )
         return web.json_response({"events": events})
+
+    async def follow(self, request: web.Request) -> web.StreamResponse:
+        """The last `limit` events (default 10), oldest first, then each new one as it happens,
+        one JSON object per line, until the client goes or llmd stops; `model` and `kind`
+        (comma-separated) filter. A blank line every HEARTBEAT_S without an event; a
+        {"kind": "gap", "dropped": N} line if the client fell FOLLOWER_BACKLOG events behind."""
+        try:
+            limit = int(request.query.get("limit", "10"))
+        except ValueError:
+            raise AdminError(400, "bad_request", "limit must be an integer") from None
+        model = request.query.get("model")
+        wanted = Filter(self.proxy.resolve(model) if model else None, _kinds(request))
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/x-ndjson", API_HEADER: str(API_VERSION)}
+        )
+        with self._feed.follow(wanted) as f:  # before the backlog: nothing falls in between
+            backlog = await self.store.events(limit, wanted.model, kinds=wanted.kinds)
+            await resp.prepare(request)
+            shown = [_line(e) for e in reversed(backlog)]
+            for line in shown:
+                await resp.write(line)
+            seen = set(shown)  # published while the backlog was read: already sent
+            async for event in aiter_events(f, HEARTBEAT_S):
+                line = b"\n" if event is None else _line(event)
+                if line in seen:
+                    continue
+                seen.clear()  # past what the backlog covered
+                await resp.write(line)
+        return resp
 
     # -- pins -------------------------------------------------------------------------------------
 
@@ -414,6 +452,15 @@ class Admin:
             queue_waits=self.scheduler.waits,
             batches=self.scheduler.batches,
         )
+
+
+def _kinds(request: web.Request) -> frozenset[str]:
+    """The event kinds a request asks for (?kind=load,evict); empty: all."""
+    return frozenset(k for k in request.query.get("kind", "").split(",") if k)
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"
 
 
 def not_found(backends: Backends, name: str) -> AdminError:

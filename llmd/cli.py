@@ -223,8 +223,31 @@ async def _reload(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
 
 
 async def _events(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
-    doc = await c.events(limit=a.limit, model=a.model)
+    if a.follow:
+        await _follow(c, a)  # until llmd stops (Unreachable) or Ctrl-C
+    doc = await c.events(limit=50 if a.limit is None else a.limit, model=a.model, kinds=a.kind)
     return doc, render_events(doc["events"]) if doc["events"] else "no events"
+
+
+async def _follow(c: AdminClient, a: argparse.Namespace) -> None:
+    """Print the last events, then each new one as it happens, a line each."""
+    import datetime as dt
+
+    limit = 10 if a.limit is None else a.limit
+    if not a.json:
+        print(f"{'TIME':<19}  {'EVENT':<12}  {'MODEL':<24}  {'BACKEND':<10}  REASON", flush=True)
+    async for e in c.follow_events(limit, a.model, a.kind or ()):
+        if a.json:
+            line = json.dumps(e)
+        elif e["kind"] == "gap":
+            line = f"... {e['dropped']} events not shown (llmctl fell behind)"
+        else:
+            when = dt.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S")
+            line = (
+                f"{when:<19}  {e['kind']:<12}  {e.get('model') or '-':<24}  "
+                f"{e.get('backend') or '-':<10}  {e.get('reason', '')}".rstrip()
+            )
+        print(line, flush=True)
 
 
 class UsageError(Exception):
@@ -311,8 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_arguments(p, json_flag=False)
     p = cmd("events", _events, "recent loads, unloads, evictions, crashes and reloads")
-    p.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    p.add_argument("--limit", type=int, help="how many (default 50; 10 with --follow)")
     p.add_argument("--model", help="only this model's events")
+    p.add_argument(
+        "--kind",
+        type=lambda v: [k for k in v.split(",") if k],
+        help="only these kinds, comma-separated (load,unload,evict,load-failed,crash,...)",
+    )
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="then print each new event as it happens, until Ctrl-C or llmd stops",
+    )
     return ap
 
 
@@ -336,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmctl: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        # Ctrl-C is how a follow ends.
+        return EXIT_OK if getattr(args, "follow", False) else 130
     print(json.dumps(doc, indent=2) if args.json else text)
     if isinstance(doc, dict) and doc.get("saved") is False:
         return EXIT_NOT_SAVED

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -57,6 +59,10 @@ class AdminClient:
             raise Unreachable(self._why(e.os_error)) from None
         except (aiohttp.ClientError, OSError) as e:
             raise Unreachable(f"cannot reach llmd at {self.socket}: {e}") from None
+        return self._answer(r.status, version, body)
+
+    def _answer(self, status: int, version: str | None, body: object) -> dict[str, Any]:
+        """A JSON answer of llmd's, or the DaemonError it stands for."""
         if version != str(API_VERSION):
             raise DaemonError(
                 "api_version",
@@ -64,13 +70,46 @@ class AdminClient:
                 f"{API_VERSION}: use the llmctl that came with the running llmd",
             )
         if not isinstance(body, dict):
-            raise DaemonError("bad_response", f"llmd answered {r.status} without a JSON object")
-        if r.status >= 400:
+            raise DaemonError("bad_response", f"llmd answered {status} without a JSON object")
+        if status >= 400:
             err = body.get("error") or {}
-            raise DaemonError(
-                str(err.get("code", "error")), str(err.get("message", body)), r.status
-            )
+            raise DaemonError(str(err.get("code", "error")), str(err.get("message", body)), status)
         return body
+
+    async def follow_events(
+        self, limit: int = 10, model: str | None = None, kinds: Sequence[str] = ()
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The last `limit` events, then each new one as llmd records it, until llmd stops
+        (raises Unreachable when the stream ends)."""
+        params = {"limit": str(limit)}
+        if model:
+            params["model"] = model
+        if kinds:
+            params["kind"] = ",".join(kinds)
+        connector = aiohttp.UnixConnector(path=self.socket)
+        # No total timeout: a quiet stream may last for days (llmd sends a blank line now and
+        # then, so that either side notices the other going).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as s,
+                s.get("http://llmd/v1/events/follow", params=params) as r,
+            ):
+                if r.status >= 400:
+                    try:
+                        body = await r.json(content_type=None)
+                    except ValueError:
+                        body = None
+                    self._answer(r.status, r.headers.get(API_HEADER), body)
+                self._answer(r.status, r.headers.get(API_HEADER), {})
+                async for line in r.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except aiohttp.ClientConnectorError as e:
+            raise Unreachable(self._why(e.os_error)) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise Unreachable(f"the stream from llmd at {self.socket} broke: {e}") from None
+        raise Unreachable(f"llmd at {self.socket} ended the stream: it is stopping")
 
     def _why(self, e: OSError) -> str:
         if isinstance(e, PermissionError):
@@ -104,6 +143,9 @@ class AdminClient:
     async def reload(self) -> dict[str, Any]:
         return await self.request("POST", "/v1/reload")
 
-    async def events(self, limit: int = 50, model: str | None = None) -> dict[str, Any]:
+    async def events(
+        self, limit: int = 50, model: str | None = None, kinds: Sequence[str] | None = None
+    ) -> dict[str, Any]:
         q = f"?limit={limit}" + (f"&model={quote(model, safe='')}" if model else "")
+        q += f"&kind={quote(','.join(kinds), safe=',')}" if kinds else ""
         return await self.request("GET", "/v1/events" + q)

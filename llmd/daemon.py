@@ -28,6 +28,7 @@ from llmd.admin import Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap, open_file_limit
+from llmd.feed import Feed
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
 from llmd.metrics import Metrics
@@ -72,6 +73,7 @@ class Daemon:
         self.exit_code = 0
         self.notifier = Notifier()
         self.metrics = Metrics()
+        self.feed = Feed()  # live events for `llmctl events --follow`
         self.store: Store
         self.backends: Backends
         self.lifecycle: Lifecycle
@@ -147,9 +149,11 @@ class Daemon:
     def record_event(
         self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
     ) -> None:
-        """A lifecycle event: counted for /metrics, kept in the store for `llmctl events`."""
+        """A lifecycle event: counted for /metrics, kept in the store for `llmctl events`, and
+        sent to whoever follows them."""
         self.metrics.record_event(kind, model)
-        self.store.record_event(kind, model=model, backend=backend, reason=reason)
+        event = self.store.record_event(kind, model=model, backend=backend, reason=reason)
+        self.feed.publish(event)
 
     def record_request(self, rec: RequestRecord) -> None:
         """A finished proxied request: counted for /metrics, kept in the store for learning."""
@@ -210,11 +214,13 @@ class Daemon:
             proxy=self.proxy,
             connections=self.connections,
             events=self,
+            feed=self.feed,
             control=self,
         )
         admin_runner = web.AppRunner(self.admin.app(), access_log=None)
         await admin_runner.setup()
         stack.push_async_callback(admin_runner.cleanup)
+        stack.callback(self.feed.close)  # first: followers' streams end, so cleanup need not wait
         sock = self.cfg.daemon.admin_socket
         try:
             prepare_socket(sock)

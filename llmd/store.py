@@ -12,7 +12,7 @@ import sqlite3
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,6 +115,8 @@ class RequestRecord:
 
 # time, kind, model, backend, reason
 _Event = tuple[float, str, str | None, str | None, str]
+# An event as `Store.events` lists it, and as `llmctl events` shows it.
+EVENT_KEYS = ("time", "kind", "model", "backend", "reason")
 _T = TypeVar("_T")
 
 
@@ -256,9 +258,12 @@ class Store:
 
     def record_event(
         self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
-    ) -> None:
-        """Queue one lifecycle event (load, unload, evict, crash, pin, degraded...)."""
-        self._push(self._events, (self._clock(), kind, model, backend, reason))
+    ) -> dict[str, Any]:
+        """Queue one lifecycle event (load, unload, evict, crash, pin, degraded...); return it
+        as `events` will list it."""
+        event = (self._clock(), kind, model, backend, reason)
+        self._push(self._events, event)
+        return dict(zip(EVENT_KEYS, event, strict=True))
 
     # -- reading (synchronous, from memory) -------------------------------------------------
 
@@ -289,12 +294,21 @@ class Store:
         }
 
     async def events(
-        self, limit: int = 50, model: str | None = None, since: float | None = None
+        self,
+        limit: int = 50,
+        model: str | None = None,
+        since: float | None = None,
+        kinds: Collection[str] = (),
     ) -> list[dict[str, Any]]:
-        """Events newest first, optionally only one model's or those at or after `since`."""
+        """Events newest first, optionally only one model's, those at or after `since`, or
+        those of some kinds."""
 
         def wanted(e: _Event) -> bool:
-            return (model is None or e[2] == model) and (since is None or e[0] >= since)
+            return (
+                (model is None or e[2] == model)
+                and (since is None or e[0] >= since)
+                and (not kinds or e[1] in kinds)
+            )
 
         async with self._lock:
             found = [e for e in reversed(self._events) if wanted(e)]
@@ -307,6 +321,9 @@ class Store:
                 if since is not None:
                     sql += " AND time >= ?"
                     params.append(since)
+                if kinds:
+                    sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+                    params += sorted(kinds)
                 sql += " ORDER BY time DESC, id DESC LIMIT ?"
                 params.append(limit)
                 try:
@@ -314,8 +331,7 @@ class Store:
                 except Exception as exc:
                     log.warning("reading events from %s failed: %s", self.path, _one_line(exc))
         found.sort(key=lambda e: e[0], reverse=True)  # stable: unwritten (newer) ones first
-        keys = ("time", "kind", "model", "backend", "reason")
-        return [dict(zip(keys, e, strict=True)) for e in found[:limit]]
+        return [dict(zip(EVENT_KEYS, e, strict=True)) for e in found[:limit]]
 
     # -- learned facts and pins (saved at once when the database is healthy) ------------------
 
