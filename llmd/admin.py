@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from llmd.config import Config
 from llmd.connlimit import Connections, open_file_limit
 from llmd.feed import Feed, Filter, aiter_events
 from llmd.lifecycle import EventSink, Lifecycle
-from llmd.models import LoadError, Model, MState, policy_inputs
+from llmd.models import LoadError, Model, MState, explain_keep_alive, policy_inputs
 from llmd.process import Child
 from llmd.proxy import Proxy
 from llmd.scheduler import Scheduler
@@ -116,6 +117,7 @@ class Admin:
         r = app.router
         r.add_get("/v1/status", self.status)
         r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{name:.+}/explain", self.explain)
         r.add_post("/v1/models/{name:.+}/load", self.load)
         r.add_post("/v1/models/{name:.+}/unload", self.unload)
         r.add_post("/v1/models/{name:.+}/pin", self.pin)
@@ -134,6 +136,31 @@ class Admin:
 
     def _name(self, request: web.Request) -> str:
         return self.proxy.resolve(request.match_info["name"])
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """Why a model's keep-alive is what it is: the policy's inputs, the idle-gap histogram,
+        the cost of each candidate timeout and the decision (`?beta=` previews another beta)."""
+        name = self._name(request)
+        beta: float | None = None
+        if "beta" in request.query:
+            try:
+                beta = float(request.query["beta"])
+            except ValueError:
+                beta = -1.0
+            if not 0 <= beta < math.inf:
+                raise AdminError(
+                    400, "bad_request", f"beta must be a number >= 0, got {request.query['beta']!r}"
+                )
+        m = self.lifecycle.runner_of(name) or next(
+            (r for r in self.lifecycle.models.values() if r.name == name), None
+        )
+        if m is None:
+            child = await self.backends.locate(name)
+            if child is None:
+                raise not_found(self.backends, name)
+            m = Model(name, child.name)  # never used yet: a read, nothing recorded
+        doc = explain_keep_alive(self.cfg, self.store, m, beta=beta)
+        return web.json_response({"model": name, "state": m.state.value, **doc})
 
     async def load(self, request: web.Request) -> web.Response:
         name = self._name(request)

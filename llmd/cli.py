@@ -167,6 +167,83 @@ def render_events(events: list[dict[str, Any]]) -> str:
     )
 
 
+BAR_WIDTH = 40
+
+
+def _bar(value: float, top: float) -> str:
+    """A horizontal bar of BAR_WIDTH at most, in eighths of a character."""
+    eighths = round(BAR_WIDTH * 8 * value / top) if top > 0 else 0
+    full, part = divmod(eighths, 8)
+    return "\u2588" * full + ("" if part == 0 else chr(0x2590 - part))
+
+
+def render_explain(doc: dict[str, Any]) -> str:
+    """`llmctl explain`: the keep-alive decision, its inputs, the idle gaps and the cost curve."""
+    d, learned, i = doc["decision"], doc["learned"], doc["inputs"]
+    head = f"{doc['model']}: keep-alive {_secs(d['keep_alive_s'])} ({d['source']}"
+    if d["source"] in ("adaptive", "fallback") and d["samples"]:
+        head += f", from {d['samples']} idle gaps"
+        if d["percentile"] is not None:
+            head += f", {d['percentile']:.0f}% of them served warm"
+    lines = [head + ")"]
+    if d != learned:  # pinned or fixed
+        lines.append(
+            f"  the learned policy would choose {_secs(learned['keep_alive_s'])} "
+            f"({learned['source']})"
+        )
+    if d["prewarm_after_s"] is not None:
+        lines.append(
+            f"  pre-warm: unload after {_secs(d['keep_alive_s'])}, reload "
+            f"{_secs(d['prewarm_after_s'])} after going idle, unload again at "
+            f"{_secs(d['prewarm_expire_s'])} if no request came"
+        )
+    else:
+        lines.append(
+            f"  pre-warm: {'none chosen' if i['prewarm'] else 'off ([keep_alive] prewarm)'}"
+        )
+    lines += [
+        f"  inputs: load {i['load_s']:.1f} s, size {i['size_gb']:.1f} GB, priority "
+        f"{i['priority']} (cold-start weight {doc['priority_weight']:.2f}), beta {i['beta']:g} "
+        "per GB-s",
+        f"  an idle second costs {doc['rent_per_idle_s']:.4g} latency-s, a reload "
+        f"{doc['reload_cost']:.3g} latency-s: break-even {_secs(doc['break_even_s'])}; "
+        f"timeouts up to {_secs(doc['cap_s'])} (the lesser of it and max "
+        f"{_secs(i['max_s'])}), at least min {_secs(i['min_s'])}",
+    ]
+    if not doc["samples"]:
+        lines.append(f"  no idle gaps recorded yet: the default {_secs(i['default_s'])} stands")
+        return "\n".join(lines)
+    lines += ["", f"idle gaps ({doc['samples']} recorded, {doc['oob']} of 4h or more)"]
+    top = max(b["count"] for b in doc["histogram"]) if doc["histogram"] else 0
+    for b in doc["histogram"]:
+        span = f"{_secs(b['lo_s'])}-{_secs(b['hi_s'])}"
+        lines.append(f"  {span:<13} {_bar(b['count'], top)} {b['count']:g}")
+    lines += ["", "expected cost per idle gap, by keep-alive (latency-s; lower is better)"]
+    top = max((c["cost_per_gap"] for c in doc["curve"]), default=0.0)
+    chosen = d["keep_alive_s"] if d["source"] in ("adaptive", "fallback", "default") else None
+    mark = None
+    if chosen is not None and doc["curve"]:
+        # The point the decision came from: the last one at or below it (the margin adds 10%).
+        mark = max(
+            (k for k, c in enumerate(doc["curve"]) if c["timeout_s"] <= chosen + 1e-9),
+            default=None,
+        )
+    for k, c in enumerate(doc["curve"]):
+        row = (
+            f"  {_secs(c['timeout_s']):<8} {_bar(c['cost_per_gap'], top):<{BAR_WIDTH}} "
+            f"{c['cost_per_gap']:.3g}  {c['warm_pct']:.0f}% warm"
+        )
+        if k == mark:
+            row += f"  <- {_secs(chosen)}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+async def _explain(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    doc = await c.explain(a.model, a.beta)
+    return doc, render_explain(doc)
+
+
 Command = Callable[[AdminClient, argparse.Namespace], Coroutine[Any, Any, tuple[Any, str]]]
 
 
@@ -322,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("unpin", _unpin, "let a pinned model unload again"),
     ):
         cmd(name, fn, help).add_argument("model", help="model name or alias")
+    p = cmd(
+        "explain",
+        _explain,
+        "why a model's keep-alive is what it is: inputs, idle gaps, the cost of each timeout",
+    )
+    p.add_argument("model", help="model name or alias")
+    p.add_argument(
+        "--beta",
+        type=float,
+        help="preview the decision with this [keep_alive] beta instead of the configured one",
+    )
     cmd("restart", _restart, "restart a backend (also retries a FATAL one)").add_argument(
         "backend", help="backend name"
     )

@@ -137,6 +137,10 @@ class AdminClient:
     async def unpin(self, model: str) -> dict[str, Any]:
         return await self.request("DELETE", f"/v1/models/{quote(model, safe='')}/pin")
 
+    async def explain(self, model: str, beta: float | None = None) -> dict[str, Any]:
+        q = "" if beta is None else f"?beta={beta!r}"
+        return await self.request("GET", f"/v1/models/{quote(model, safe='')}/explain{q}")
+
     async def restart(self, backend: str) -> dict[str, Any]:
         return await self.request("POST", f"/v1/backends/{quote(backend, safe='')}/restart")
 

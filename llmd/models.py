@@ -191,25 +191,59 @@ def policy_inputs(
 def keep_alive(cfg: Config, history: History, m: Model, idle_s: float = 0.0) -> KeepAlive:
     """A model's keep-alive: pinned, a fixed override, or learned from its idle gaps; idle_s is
     how long it has been idle already (0 as it goes idle)."""
+    fixed, args = _keep_alive_args(cfg, history, m, idle_s)
+    if fixed is not None:
+        return fixed
+    return policy.decide_keep_alive(history.idle_histogram(m.name), **args)
+
+
+def explain_keep_alive(
+    cfg: Config, history: History, m: Model, idle_s: float = 0.0, beta: float | None = None
+) -> dict[str, Any]:
+    """`keep_alive`'s decision with the policy's numbers behind it (policy.explain), for the
+    same inputs; `beta` previews another [keep_alive] beta. A pinned or fixed keep-alive is
+    the "decision", and "learned" what the policy would choose without the pin or override."""
+    fixed, args = _keep_alive_args(cfg, history, m, idle_s)
+    if beta is not None:
+        args["beta"] = beta
+    doc = policy.explain(history.idle_histogram(m.name), **args)
+    doc["learned"] = doc["decision"]
+    if fixed is not None:
+        doc["decision"] = {
+            "keep_alive_s": fixed.keep_alive_s,
+            "source": fixed.source,
+            "samples": fixed.samples,
+            "percentile": fixed.percentile,
+            "prewarm_after_s": None,
+            "prewarm_expire_s": None,
+        }
+    return doc
+
+
+def _keep_alive_args(
+    cfg: Config, history: History, m: Model, idle_s: float
+) -> tuple[KeepAlive | None, dict[str, Any]]:
+    """The decision when it does not depend on the history (pinned, fixed, the fixed policy's
+    default), else None; and decide_keep_alive's inputs besides the histogram."""
     k = cfg.keep_alive
     mc = cfg.model(m.name)
     inputs = policy_inputs(cfg, history, m.name, m)
-    if inputs.pinned:
-        return policy.pinned_decision()
+    args: dict[str, Any] = {
+        "load_s": inputs.load_s,
+        "size_gb": inputs.size_gb,
+        "priority": inputs.priority,
+        "beta": k.beta,
+        "min_s": k.min,
+        "max_s": k.max,
+        "default_s": k.default,
+        "prewarm": k.prewarm,
+        "idle_s": idle_s,
+    }
     mode = mc.keep_alive if mc is not None else None
+    if inputs.pinned:
+        return policy.pinned_decision(), args
     if isinstance(mode, float):
-        return policy.fixed_decision(mode)
+        return policy.fixed_decision(mode), args
     if mode is None and k.policy == "fixed":
-        return policy.default_decision(k.default)
-    return policy.decide_keep_alive(
-        history.idle_histogram(m.name),
-        load_s=inputs.load_s,
-        size_gb=inputs.size_gb,
-        priority=inputs.priority,
-        beta=k.beta,
-        min_s=k.min,
-        max_s=k.max,
-        default_s=k.default,
-        prewarm=k.prewarm,
-        idle_s=idle_s,
-    )
+        return policy.default_decision(k.default), args
+    return None, args

@@ -288,6 +288,93 @@ def decide_keep_alive(
     return KeepAliveDecision(_clamp(t, min_s, max_s), source, n, 100.0 * covered / n if n else None)
 
 
+def explain(
+    hist: IdleHistogram,
+    *,
+    load_s: float,
+    size_gb: float,
+    priority: int,
+    beta: float,
+    min_s: float,
+    max_s: float,
+    default_s: float,
+    prewarm: bool = False,
+    idle_s: float = 0.0,
+) -> dict[str, Any]:
+    """decide_keep_alive's decision for these inputs with the numbers behind it, as plain data
+    (for `llmctl explain`): the cost model (rent per idle second, the cost of a reload, the
+    break-even time T* and the cap min(T*, max)), the idle-gap histogram, and the expected
+    cost per gap of each candidate timeout over that history (the cost curve), from unloading
+    at once to the cap: one point at every bin edge where a recorded gap ends (between those
+    the cost only grows) and at the cap."""
+    decision = decide_keep_alive(
+        hist,
+        load_s=load_s,
+        size_gb=size_gb,
+        priority=priority,
+        beta=beta,
+        min_s=min_s,
+        max_s=max_s,
+        default_s=default_s,
+        prewarm=prewarm,
+        idle_s=idle_s,
+    )
+    n = hist.samples
+    rent = beta * size_gb
+    buy = priority_weight(priority) * max(load_s, 0.0)
+    t_star = break_even_s(load_s, size_gb, priority, beta)
+    cap = min(t_star, max_s)
+    curve: list[dict[str, float]] = []
+    if n:
+        keep, cum_n, _ = _timeout_costs(hist.counts, n, rent, buy)
+        kmax = bisect.bisect_right(EDGES, cap) - 1
+        for k in range(kmax + 1):
+            if k == 0 or hist.counts[k - 1] or k == kmax:
+                curve.append(
+                    {
+                        "timeout_s": EDGES[k],
+                        "cost_per_gap": keep[k] / n,
+                        "warm_pct": 100.0 * cum_n[k] / n,
+                    }
+                )
+    return {
+        "inputs": {
+            "load_s": load_s,
+            "size_gb": size_gb,
+            "priority": priority,
+            "beta": beta,
+            "min_s": min_s,
+            "max_s": max_s,
+            "default_s": default_s,
+            "prewarm": prewarm,
+            "idle_s": idle_s,
+        },
+        "priority_weight": priority_weight(priority),
+        "rent_per_idle_s": rent,
+        "reload_cost": buy,
+        "break_even_s": None if math.isinf(t_star) else t_star,
+        "cap_s": None if math.isinf(cap) else cap,
+        "samples": n,
+        "oob": hist.oob,
+        "prior_silences": PRIOR_SILENCES,
+        "margin": MARGIN,
+        "histogram": [
+            {"lo_s": EDGES[b], "hi_s": EDGES[b + 1], "count": c}
+            for b, c in enumerate(hist.counts)
+            if c
+        ],
+        "curve": curve,
+        "decision": {
+            "keep_alive_s": decision.keep_alive_s,
+            "source": decision.source,
+            "samples": decision.samples,
+            "percentile": decision.percentile,
+            "prewarm_after_s": decision.prewarm_after_s,
+            "prewarm_expire_s": decision.prewarm_expire_s,
+        },
+    }
+
+
 def _plan(
     hist: IdleHistogram,
     load_s: float,

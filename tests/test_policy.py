@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from llmd import policy
 from llmd.policy import (
     EDGES,
     NBINS,
@@ -412,3 +413,46 @@ def test_eviction_cost_counts_requests_before_its_own_unload(
     cost = eviction_cost_s(cand("m", 1, idle_s=idle_s, hist=hist))
     full = priority_weight(1) * 6.5
     assert (cost < 0.05 * full) if cheap else (cost > 0.9 * full)
+
+
+@pytest.mark.parametrize(
+    ("gaps", "prewarm"),
+    [
+        ([], False),  # no history: the default
+        ([30.0, 40.0], False),  # a short history: the default is the floor
+        ([100.0] * 12 + [20.0] * 3 + [1000.0] * 2, False),
+        ([5.0] * 50 + [2000.0] * 30, True),  # a pre-warm window may win
+        ([20000.0] * 5, False),  # out of range
+    ],
+)
+def test_explain_gives_the_decision_and_the_cost_curve_it_comes_from(
+    gaps: list[float], prewarm: bool
+) -> None:
+    hist = IdleHistogram()
+    for g in gaps:
+        hist.add(g)
+    args: dict[str, Any] = dict(
+        load_s=10.0, size_gb=5.0, priority=3, beta=0.001, min_s=60.0, max_s=14400.0
+    )
+    args.update(default_s=600.0, prewarm=prewarm)
+    doc = policy.explain(hist, **args)
+    d = policy.decide_keep_alive(hist, **args)
+    assert doc["decision"] == {
+        "keep_alive_s": d.keep_alive_s,
+        "source": d.source,
+        "samples": d.samples,
+        "percentile": d.percentile,
+        "prewarm_after_s": d.prewarm_after_s,
+        "prewarm_expire_s": d.prewarm_expire_s,
+    }
+    assert doc["samples"] == len(gaps) and doc["oob"] == hist.oob
+    assert doc["break_even_s"] == policy.break_even_s(10.0, 5.0, 3, 0.001)
+    assert sum(b["count"] for b in doc["histogram"]) == len(gaps) - hist.oob
+    if not gaps:
+        assert doc["curve"] == []
+        return
+    curve = doc["curve"]
+    assert curve[0]["timeout_s"] == 0 and curve[0]["warm_pct"] == 0
+    assert curve[0]["cost_per_gap"] == doc["reload_cost"]  # unload at once: every gap is cold
+    assert all(c["timeout_s"] <= doc["cap_s"] for c in curve)
+    assert [c["timeout_s"] for c in curve] == sorted(c["timeout_s"] for c in curve)
