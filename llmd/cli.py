@@ -239,6 +239,20 @@ def render_explain(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def _top(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
+    from llmd import top  # rich is needed by this command only
+
+    raise _Exit(await top.run(c, once=a.once))
+
+
+class _Exit(Exception):
+    """A command that has printed what it prints, with its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 async def _explain(c: AdminClient, a: argparse.Namespace) -> tuple[Any, str]:
     doc = await c.explain(a.model, a.beta)
     return doc, render_explain(doc)
@@ -410,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="preview the decision with this [keep_alive] beta instead of the configured one",
     )
+    p = cmd("top", _top, "a live view of GPUs, backends and models (q quits)")
+    p.add_argument("--once", action="store_true", help="print one plain frame and exit")
     cmd("restart", _restart, "restart a backend (also retries a FATAL one)").add_argument(
         "backend", help="backend name"
     )
@@ -457,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llmctl: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except _Exit as e:
+        return e.code
     except KeyboardInterrupt:
         # Ctrl-C is how a follow ends.
         return EXIT_OK if getattr(args, "follow", False) else 130
