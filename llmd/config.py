@@ -135,6 +135,8 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/llmd")
     admin_socket: Path = Path("/run/llmd/admin.sock")
     log_level: str = "info"
+    # "text" (the journal adds the time) or "json" (one object per line).
+    log_format: str = "text"
     shutdown_timeout: float = 30.0
     retention_days: int = 14
 
@@ -494,6 +496,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         state_dir=lambda v: Path(_str(v)),
         admin_socket=lambda v: Path(_str(v)),
         log_level=_choice("debug", "info", "warning", "error"),
+        log_format=_choice("text", "json"),
         shutdown_timeout=_positive_duration,
         retention_days=_positive_int,
     )

@@ -23,7 +23,7 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from llmd import __version__, config, gpu, logfilter
+from llmd import __version__, config, gpu, logfilter, logs
 from llmd.admin import Admin, prepare_socket, secure_socket
 from llmd.backends import Backends
 from llmd.config import Config, ConfigError
@@ -152,7 +152,9 @@ class Daemon:
         """A lifecycle event: counted for /metrics, kept in the store for `llmctl events`, and
         sent to whoever follows them."""
         self.metrics.record_event(kind, model)
-        event = self.store.record_event(kind, model=model, backend=backend, reason=reason)
+        event = self.store.record_event(
+            kind, model=model, backend=backend, reason=reason, request_id=logs.request_id.get()
+        )
         self.feed.publish(event)
 
     def record_request(self, rec: RequestRecord) -> None:
@@ -406,7 +408,7 @@ class Daemon:
             self.connections.configure(new.proxy)
             _warn_exposure(new)
             self.lifecycle.rearm()  # keep-alives decided under the new config
-            logging.getLogger().setLevel(new.daemon.log_level.upper())
+            logs.configure(new.daemon.log_level, new.daemon.log_format)
             self.record_event("reload", reason="; ".join(notes) or "no backend changes")
             log.info("reloaded %s: %s", new.path, "; ".join(notes) or "no backend changes")
             return True, notes
@@ -500,17 +502,13 @@ def _raise_nofile() -> None:
     log.info("raised the open-file limit from %d to %d (the hard limit)", soft, target)
 
 
-def _setup_logging(level: str) -> logfilter.RepeatFilter:
-    # Under systemd the journal adds its own timestamps.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+def _setup_logging(level: str, fmt: str) -> logfilter.RepeatFilter:
+    handler = logs.setup(level, fmt)
     # Library chatter (every SQL statement, the selector in use) drowns llmd's own debug log.
     for noisy in ("aiosqlite", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # One fault repeated per connection or per request must not flood the journal.
-    return logfilter.install(logging.getLogger().handlers[0])
+    return logfilter.install(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -563,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         # EX_CONFIG: the unit's RestartPreventExitStatus=78 keeps systemd from retrying a
         # config that cannot start, and `systemctl status llmd` shows why.
         return EX_CONFIG
-    repeats = _setup_logging(cfg.daemon.log_level)
+    repeats = _setup_logging(cfg.daemon.log_level, cfg.daemon.log_format)
     _raise_nofile()
     # A hung daemon killed by the systemd watchdog (SIGABRT) leaves its stacks in the journal.
     faulthandler.enable()

@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from llmd import logs
 from llmd.answers import BAD_BODY, ProxyError, compact_json, unreadable
 from llmd.bodies import BodyHold
 from llmd.lifecycle import Lease
@@ -177,6 +178,7 @@ class Forwarder:
                 else (load_ns / 1e9 if load_ns else None),
                 prompt_tokens=counts.get("prompt_eval_count", counts.get("prompt_tokens")),
                 eval_tokens=counts.get("eval_count", counts.get("completion_tokens")),
+                request_id=logs.request_id.get(),
             )
         )
 

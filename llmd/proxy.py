@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from llmd import logs
 from llmd.answers import (
     BAD_BODY,
     ProxyError,
@@ -62,6 +63,7 @@ BODY_STEP = 1024 * 1024
 MAX_DURATION_S = (2**63 - 1) / 1e9
 # The request's key for when it arrived (time.monotonic()): waits for a child count from it.
 ARRIVED = "llmd.arrived"
+REQUEST_ID = "llmd.request_id"
 
 
 class Proxy:
@@ -104,6 +106,7 @@ class Proxy:
         app = web.Application(
             client_max_size=self.cfg.proxy.max_body_size, middlewares=[*outer, self._middleware]
         )
+        app.on_response_prepare.append(_tag)
         r = app.router
         r.add_get("/", self._root)  # and HEAD /, the health check clients use
         r.add_get("/healthz", self._merged.healthz)
@@ -159,6 +162,18 @@ class Proxy:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         request[ARRIVED] = time.monotonic()
+        # Every line logged and every event recorded while it is handled carries its id, and
+        # so does its answer (see _tag).
+        rid = request[REQUEST_ID] = logs.new_id(request.headers.get(logs.HEADER))
+        token = logs.request_id.set(rid)
+        try:
+            return await self._serve(request, handler)
+        finally:
+            logs.request_id.reset(token)
+
+    async def _serve(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         denied = authorize(self.cfg.proxy, request)
         if denied is not None:
             return error_response(request, denied)
@@ -488,6 +503,14 @@ class Proxy:
         # Blob uploads can be gigabytes: stream the request body through rather than read it.
         data = request.content if request.body_exists else None
         return await self._forwarder.forward(request, child, data, None, time.time())
+
+
+async def _tag(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries its request's id (streamed ones too: this runs before the headers
+    go out)."""
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers[logs.HEADER] = rid
 
 
 def _arrived(request: web.Request) -> float:

@@ -27,7 +27,7 @@ log = logging.getLogger("llmd.store")
 
 CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The whole current schema. A new database gets it in one transaction with user_version set to
 # SCHEMA_VERSION; an older database gets MIGRATIONS instead, so the two must agree.
@@ -43,7 +43,8 @@ CREATE TABLE requests (
     waited_for_load INTEGER NOT NULL,
     load_duration_s REAL,
     prompt_tokens INTEGER,
-    eval_tokens INTEGER
+    eval_tokens INTEGER,
+    request_id TEXT                     -- the client's X-Request-Id, or llmd's own
 );
 CREATE INDEX requests_time ON requests (time);
 CREATE INDEX requests_model_time ON requests (model, time);
@@ -69,7 +70,8 @@ CREATE TABLE events (
     kind TEXT NOT NULL,
     model TEXT,
     backend TEXT,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    request_id TEXT                     -- of the proxied request it happened in, if any
 );
 CREATE INDEX events_time ON events (time);
 
@@ -88,7 +90,10 @@ CREATE TABLE pins (
 """
 
 # MIGRATIONS[n] turns a version n-1 database into version n.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    2: "ALTER TABLE requests ADD COLUMN request_id TEXT;\n"
+    "ALTER TABLE events ADD COLUMN request_id TEXT;",
+}
 
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
 _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = 5, 6, 8, 10, 11, 13, 14, 26
@@ -111,12 +116,13 @@ class RequestRecord:
     load_duration_s: float | None = None  # Ollama's load_duration, in seconds
     prompt_tokens: int | None = None
     eval_tokens: int | None = None
+    request_id: str | None = None  # the client's X-Request-Id, or llmd's own
 
 
 # time, kind, model, backend, reason
-_Event = tuple[float, str, str | None, str | None, str]
+_Event = tuple[float, str, str | None, str | None, str, str | None]
 # An event as `Store.events` lists it, and as `llmctl events` shows it.
-EVENT_KEYS = ("time", "kind", "model", "backend", "reason")
+EVENT_KEYS = ("time", "kind", "model", "backend", "reason", "request_id")
 _T = TypeVar("_T")
 
 
@@ -257,11 +263,17 @@ class Store:
             self._roll_up()
 
     def record_event(
-        self, kind: str, *, model: str | None = None, backend: str | None = None, reason: str = ""
+        self,
+        kind: str,
+        *,
+        model: str | None = None,
+        backend: str | None = None,
+        reason: str = "",
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Queue one lifecycle event (load, unload, evict, crash, pin, degraded...); return it
         as `events` will list it."""
-        event = (self._clock(), kind, model, backend, reason)
+        event = (self._clock(), kind, model, backend, reason, request_id)
         self._push(self._events, event)
         return dict(zip(EVENT_KEYS, event, strict=True))
 
@@ -313,7 +325,7 @@ class Store:
         async with self._lock:
             found = [e for e in reversed(self._events) if wanted(e)]
             if self._db is not None:
-                sql = "SELECT time, kind, model, backend, reason FROM events WHERE 1"
+                sql = "SELECT time, kind, model, backend, reason, request_id FROM events WHERE 1"
                 params: list[Any] = []
                 if model is not None:
                     sql += " AND model = ?"
@@ -673,13 +685,13 @@ class Store:
             try:
                 await db.executemany(
                     "INSERT INTO requests (time, model, endpoint, status, duration_s, ttfb_s,"
-                    " waited_for_load, load_duration_s, prompt_tokens, eval_tokens)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " waited_for_load, load_duration_s, prompt_tokens, eval_tokens, request_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [astuple(r) for r in reqs],
                 )
                 await db.executemany(
-                    "INSERT INTO events (time, kind, model, backend, reason)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO events (time, kind, model, backend, reason, request_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
                     evs,
                 )
                 await db.executemany(

@@ -106,7 +106,14 @@ async def test_requests_are_buffered_then_written_in_one_flush(opener, db_path):
     """record_request only buffers; flush writes every field of the batch."""
     s = await opener()
     s.record_request(
-        req(T0, ttfb_s=0.2, waited_for_load=True, load_duration_s=3.5, prompt_tokens=7)
+        req(
+            T0,
+            ttfb_s=0.2,
+            waited_for_load=True,
+            load_duration_s=3.5,
+            prompt_tokens=7,
+            request_id="r-1",
+        )
     )
     s.record_request(req(T0 + 10, model="n"))
     assert query(db_path, "SELECT count(*) FROM requests") == [(0,)]
@@ -115,8 +122,8 @@ async def test_requests_are_buffered_then_written_in_one_flush(opener, db_path):
     assert await s.flush()
     rows = query(db_path, "SELECT * FROM requests ORDER BY time")
     assert rows == [
-        (1, T0, "m", "/api/chat", 200, 0.2, 1.0, 1, 3.5, 7, None),
-        (2, T0 + 10, "n", "/api/chat", 200, None, 1.0, 0, None, None, None),
+        (1, T0, "m", "/api/chat", 200, 0.2, 1.0, 1, 3.5, 7, None, "r-1"),
+        (2, T0 + 10, "n", "/api/chat", 200, None, 1.0, 0, None, None, None, None),
     ]
     assert s.status() == {
         "path": str(db_path),
@@ -205,7 +212,13 @@ async def test_events_newest_first_with_filters(opener, clock):
     s = await opener()
     for i, kind in enumerate(["load", "pin", "evict", "crash"]):
         clock.t = T0 + i
-        s.record_event(kind, model="a" if i % 2 == 0 else "b", backend="gpu0", reason=f"r{i}")
+        s.record_event(
+            kind,
+            model="a" if i % 2 == 0 else "b",
+            backend="gpu0",
+            reason=f"r{i}",
+            request_id=f"q{i}" if i else None,
+        )
         if i == 1:
             await s.flush()  # two written, two still buffered
     evs = await s.events()
@@ -216,8 +229,11 @@ async def test_events_newest_first_with_filters(opener, clock):
         "model": "b",
         "backend": "gpu0",
         "reason": "r3",
+        "request_id": "q3",
     }
+    assert [e["request_id"] for e in evs] == ["q3", "q2", "q1", None]  # written and not
     assert [e["kind"] for e in await s.events(model="a")] == ["evict", "load"]
+    assert [e["kind"] for e in await s.events(kinds={"pin", "crash"})] == ["crash", "pin"]
     assert [e["kind"] for e in await s.events(since=T0 + 1)] == ["crash", "evict", "pin"]
     assert [e["kind"] for e in await s.events(limit=1)] == ["crash"]
 
@@ -425,13 +441,14 @@ async def test_migrations_upgrade_an_older_database(opener, db_path, monkeypatch
     """Numbered migrations bring an older database up to SCHEMA_VERSION."""
     s = await opener()
     await s.close()
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    nxt = store_module.SCHEMA_VERSION + 1
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", nxt)
     monkeypatch.setattr(
-        store_module, "MIGRATIONS", {2: "ALTER TABLE events ADD COLUMN extra TEXT;"}
+        store_module, "MIGRATIONS", {nxt: "ALTER TABLE events ADD COLUMN extra TEXT;"}
     )
     s2 = await opener()
     assert s2.degraded is None
-    assert query(db_path, "PRAGMA user_version") == [(2,)]
+    assert query(db_path, "PRAGMA user_version") == [(nxt,)]
     assert "extra" in [r[1] for r in query(db_path, "PRAGMA table_info(events)")]
 
 
