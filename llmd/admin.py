@@ -472,12 +472,20 @@ class Admin:
             ],
             queues=[
                 metrics.QueueGauges(
-                    q.name, q.waiting, q.running, q.limit, q.yielding, q.rejected, q.swaps
+                    q.name,
+                    q.waiting,
+                    q.running,
+                    q.limit,
+                    q.yielding,
+                    q.rejected,
+                    q.swaps,
+                    self.scheduler.max_queue(q.name),
                 )
                 for q in self.scheduler.stats()
             ],
             queue_waits=self.scheduler.waits,
             batches=self.scheduler.batches,
+            store_degraded=self.store.degraded is not None,
         )
 
 

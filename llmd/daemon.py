@@ -31,7 +31,7 @@ from llmd.connlimit import Connections, LimitedSite, connection_cap, open_file_l
 from llmd.feed import Feed
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
-from llmd.metrics import Metrics
+from llmd.metrics import Exposition, Metrics
 from llmd.models import Model
 from llmd.notify import Notifier
 from llmd.process import Child, SpawnFn, default_spawn
@@ -131,7 +131,8 @@ class Daemon:
                 self.scheduler,
                 session=session,
                 record=self.record_request,
-                metrics=lambda: self.metrics.render(self.admin.metrics_snapshot()),
+                # The snapshot is read at scrape time; the admin layer exists by the first one.
+                metrics=Exposition(self.metrics, lambda: self.admin.metrics_snapshot()).page,
             )
             # The TaskGroup exists before the sockets are bound: the first request may start
             # a load or a scan of the children's models, and those run in it.

@@ -1,17 +1,35 @@
-"""Prometheus exposition of per-model counters and histograms, on the proxy port's /metrics."""
+"""Prometheus exposition of llmd's counters and state, on the proxy port's /metrics.
+
+llmd keeps its own counters and histograms as plain data (`Metrics`, `Histogram`) and the admin
+layer builds a plain `Snapshot` of its state; at scrape time a custom prometheus_client collector
+turns both into metric families in a private registry, so the text and OpenMetrics formats, the
+negotiation between them and histogram semantics are the library's.
+"""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+from prometheus_client import utils
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from llmd.store import RequestRecord
 
 # Seconds: from a warm token to a cold load of a big model.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The library's rendering of a number as Prometheus writes it (le="1.0", "+Inf"); untyped there.
+_go_float: Callable[[float], str] = utils.floatToGoString
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ class QueueGauges:
     making_way: bool
     rejected: dict[str, int]  # reason -> requests turned away
     swaps: int
+    max_queue: int  # requests that may wait; one more gets 429
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,7 @@ class Snapshot:
     queues: list[QueueGauges] = field(default_factory=list)
     queue_waits: Histogram | None = None  # seconds from arrival to start, per model
     batches: Histogram | None = None  # requests started per turn, per model
+    store_degraded: bool = False  # the store cannot save (serving from memory)
 
 
 class Histogram:
@@ -85,22 +105,8 @@ class Histogram:
         self.sums[labels] = self.sums.get(labels, 0.0) + value
 
 
-def _num(v: float) -> str:
-    """Exact integers (counters, bytes), full-precision floats: never 1.23457e+06."""
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
-
-
-def _esc(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(names: Iterable[str], values: Iterable[str]) -> str:
-    pairs = [f'{n}="{_esc(v)}"' for n, v in zip(names, values, strict=True)]
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
 class Metrics:
-    """Counts what the proxy and the lifecycle report; renders the text format on demand."""
+    """Counts what the proxy and the lifecycle report, as plain data (the collector reads it)."""
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, str]] = Counter()
@@ -127,178 +133,218 @@ class Metrics:
         """One lifecycle event (load, unload, evict, crash...)."""
         self.events[(kind, model or "")] += 1
 
-    def render(self, snap: Snapshot) -> str:
-        """The Prometheus text exposition format."""
-        out: list[str] = []
 
-        def family(name: str, kind: str, help: str, rows: Iterable[tuple[str, float]]) -> None:
-            out.append(f"# HELP {name} {help}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(f"{name}{labels} {_num(value)}" for labels, value in rows)
+def _counter(
+    name: str, help: str, labels: Iterable[str], rows: Iterable[tuple[Iterable[str], float]]
+) -> CounterMetricFamily:
+    # The name keeps its _total: the library strips it for the family and adds it back to the
+    # sample, so the series is exactly `name`. No `created` is given, so no _created samples.
+    family = CounterMetricFamily(name, help, labels=list(labels))
+    for values, value in rows:
+        family.add_metric(list(values), value)
+    return family
 
-        def hist(name: str, help: str, h: Histogram) -> None:
-            out.append(f"# HELP {name} {help}")
-            out.append(f"# TYPE {name} histogram")
-            for labels, counts in sorted(h.buckets.items()):
-                acc = 0
-                for bound, c in zip((*map(str, h.bounds), "+Inf"), counts, strict=True):
-                    acc += c
-                    out.append(f"{name}_bucket{_labels(('model', 'le'), (*labels, bound))} {acc}")
-                out.append(f"{name}_sum{_labels(('model',), labels)} {_num(h.sums[labels])}")
-                out.append(f"{name}_count{_labels(('model',), labels)} {acc}")
 
-        lab: Callable[..., str] = lambda names, *values: _labels(names, values)  # noqa: E731
-        family(
+def _gauge(
+    name: str, help: str, labels: Iterable[str], rows: Iterable[tuple[Iterable[str], float]]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help, labels=list(labels))
+    for values, value in rows:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _histogram(name: str, help: str, h: Histogram) -> HistogramMetricFamily:
+    """Per-model cumulative buckets (le inclusive, as observe() counts) with +Inf, sum and count."""
+    family = HistogramMetricFamily(name, help, labels=["model"])
+    bounds = [*map(_go_float, h.bounds), "+Inf"]
+    for labels, counts in sorted(h.buckets.items()):
+        cumulative = itertools.accumulate(counts)
+        family.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), h.sums[labels])
+    return family
+
+
+class LlmdCollector(Collector):
+    """Turns llmd's counters and a snapshot of its state into metric families at scrape time."""
+
+    def __init__(self, metrics: Metrics, snapshot: Callable[[], Snapshot]) -> None:
+        self.metrics = metrics
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        c, snap = self.metrics, self.snapshot()
+        yield _counter(
             "llmd_requests_total",
-            "counter",
             "Proxied requests by model, endpoint, status.",
-            (
-                (lab(("model", "endpoint", "status"), *k), v)
-                for k, v in sorted(self.requests.items())
-            ),
+            ("model", "endpoint", "status"),
+            sorted(c.requests.items()),
         )
-        family(
+        yield _counter(
             "llmd_cold_starts_total",
-            "counter",
             "Requests that waited for a model load.",
-            ((lab(("model",), k), v) for k, v in sorted(self.cold.items())),
+            ("model",),
+            (((k,), v) for k, v in sorted(c.cold.items())),
         )
-        family(
+        yield _counter(
             "llmd_tokens_total",
-            "counter",
             "Prompt and generated tokens by model.",
-            ((lab(("model", "kind"), *k), v) for k, v in sorted(self.tokens.items())),
+            ("model", "kind"),
+            sorted(c.tokens.items()),
         )
-        family(
+        yield _counter(
             "llmd_model_events_total",
-            "counter",
             "Lifecycle events (load, unload, evict, crash, restart...) by model.",
-            ((lab(("event", "model"), *k), v) for k, v in sorted(self.events.items())),
+            ("event", "model"),
+            sorted(c.events.items()),
         )
-        hist("llmd_request_duration_seconds", "Proxied request duration.", self.duration)
-        hist("llmd_time_to_first_byte_seconds", "Time to the first response byte.", self.ttfb)
-        models = snap.models
-        family(
+        yield _histogram("llmd_request_duration_seconds", "Proxied request duration.", c.duration)
+        yield _histogram(
+            "llmd_time_to_first_byte_seconds", "Time to the first response byte.", c.ttfb
+        )
+        yield _gauge(
             "llmd_model_loaded",
-            "gauge",
             "1 if the model is loaded.",
-            ((lab(("model", "backend"), m.name, m.backend), float(m.loaded)) for m in models),
+            ("model", "backend"),
+            (((m.name, m.backend), float(m.loaded)) for m in snap.models),
         )
         # A replicated model has a record per backend: summed per model below, so that the
         # model-only label sets stay unique (llmd_model_loaded has the backend).
         per_model: dict[str, list[ModelGauges]] = {}
-        for m in models:
+        for m in snap.models:
             per_model.setdefault(m.name, []).append(m)
-        family(
+        yield _gauge(
             "llmd_model_in_flight",
-            "gauge",
             "Requests in flight per model.",
-            ((lab(("model",), n), sum(m.in_flight for m in ms)) for n, ms in per_model.items()),
+            ("model",),
+            (((n,), sum(m.in_flight for m in ms)) for n, ms in per_model.items()),
         )
-        family(
+        yield _gauge(
             "llmd_model_vram_bytes",
-            "gauge",
             "GPU memory held by the model (every copy of it).",
-            ((lab(("model",), n), sum(m.vram_bytes for m in ms)) for n, ms in per_model.items()),
+            ("model",),
+            (((n,), sum(m.vram_bytes for m in ms)) for n, ms in per_model.items()),
         )
-        family(
+        yield _gauge(
             "llmd_model_keep_alive_seconds",
-            "gauge",
             "The keep-alive the model's idle timer uses (-1: forever).",
+            ("model", "source"),
             (
                 (
-                    lab(("model", "source"), n, ms[0].keep_alive_source),
+                    (n, ms[0].keep_alive_source),
                     -1 if ms[0].keep_alive_s is None else ms[0].keep_alive_s,
                 )
                 for n, ms in per_model.items()
             ),
         )
-        family(
+        yield _counter(
             "llmd_runner_options_overridden_total",
-            "counter",
             "Requests whose runner options (num_ctx...) llmd replaced by the loaded ones.",
-            (
-                (lab(("model",), n), sum(m.options_overridden for m in ms))
-                for n, ms in per_model.items()
-            ),
+            ("model",),
+            (((n,), sum(m.options_overridden for m in ms)) for n, ms in per_model.items()),
         )
-        children = snap.backends
-        family(
+        yield _gauge(
             "llmd_backend_up",
-            "gauge",
             "1 if the backend's ollama child is running.",
-            ((lab(("backend",), c.name), float(c.up)) for c in children),
+            ("backend",),
+            (((b.name,), float(b.up)) for b in snap.backends),
         )
-        family(
+        yield _counter(
             "llmd_backend_restarts_total",
-            "counter",
             "Restarts of the backend's child.",
-            ((lab(("backend",), c.name), c.restarts) for c in children),
+            ("backend",),
+            (((b.name,), b.restarts) for b in snap.backends),
         )
+        yield from self._queues(snap)
+        yield _gauge(
+            "llmd_gpu_memory_used_bytes",
+            "GPU memory in use, all programs.",
+            ("gpu",),
+            (((str(g.index),), g.used_bytes) for g in snap.gpus),
+        )
+        yield _gauge(
+            "llmd_gpu_memory_total_bytes",
+            "GPU memory in all.",
+            ("gpu",),
+            (((str(g.index),), g.total_bytes) for g in snap.gpus),
+        )
+        yield _gauge(
+            "llmd_store_degraded",
+            "1 while llmd's state store cannot save to disk (llmd serves from memory).",
+            (),
+            [((), float(snap.store_degraded))],
+        )
+
+    def _queues(self, snap: Snapshot) -> Iterator[Metric]:
         queues = snap.queues
-        family(
+        yield _gauge(
             "llmd_queue_waiting",
-            "gauge",
             "Requests waiting in llmd's queue for the model (an autoscaler's signal).",
-            ((lab(("model",), q.name), q.waiting) for q in queues),
+            ("model",),
+            (((q.name,), q.waiting) for q in queues),
         )
-        family(
+        yield _gauge(
             "llmd_queue_running",
-            "gauge",
             "Requests of the model running at its backend (they hold a queue slot).",
-            ((lab(("model",), q.name), q.running) for q in queues),
+            ("model",),
+            (((q.name,), q.running) for q in queues),
         )
-        family(
+        yield _gauge(
             "llmd_queue_limit",
-            "gauge",
             "Requests the model may run at once (num_parallel; 1 for embedding models).",
-            ((lab(("model",), q.name), q.limit) for q in queues),
+            ("model",),
+            (((q.name,), q.limit) for q in queues),
         )
-        family(
+        yield _gauge(
+            "llmd_queue_max",
+            "Requests that may wait in llmd's queue for the model (max_queue); more get 429.",
+            ("model",),
+            (((q.name,), q.max_queue) for q in queues),
+        )
+        yield _gauge(
             "llmd_queue_making_way",
-            "gauge",
             "1 while the model starts no requests so that a waiting model gets its memory.",
-            ((lab(("model",), q.name), float(q.making_way)) for q in queues),
+            ("model",),
+            (((q.name,), float(q.making_way)) for q in queues),
         )
-        family(
+        yield _counter(
             "llmd_queue_rejected_total",
-            "counter",
             "Requests the queue turned away, by reason (queue_full: 429, queue_timeout: 503).",
+            ("model", "reason"),
             (
-                (lab(("model", "reason"), q.name, reason), q.rejected.get(reason, 0))
+                ((q.name, reason), q.rejected.get(reason, 0))
                 for q in queues
                 for reason in ("queue_full", "queue_timeout")
             ),
         )
-        family(
+        yield _counter(
             "llmd_queue_swaps_total",
-            "counter",
             "Times the model made way for another model with work waiting for its memory.",
-            ((lab(("model",), q.name), q.swaps) for q in queues),
+            ("model",),
+            (((q.name,), q.swaps) for q in queues),
         )
         if snap.queue_waits is not None:
-            hist(
+            yield _histogram(
                 "llmd_queue_wait_seconds",
                 "Time a request waited in llmd's queue before it started.",
                 snap.queue_waits,
             )
         if snap.batches is not None:
-            hist(
+            yield _histogram(
                 "llmd_swap_batch_requests",
                 "Requests a model started in one turn before it made way for another.",
                 snap.batches,
             )
-        devices = snap.gpus
-        family(
-            "llmd_gpu_memory_used_bytes",
-            "gauge",
-            "GPU memory in use, all programs.",
-            ((lab(("gpu",), str(g.index)), g.used_bytes) for g in devices),
-        )
-        family(
-            "llmd_gpu_memory_total_bytes",
-            "gauge",
-            "GPU memory in all.",
-            ((lab(("gpu",), str(g.index)), g.total_bytes) for g in devices),
-        )
-        return "\n".join(out) + "\n"
+
+
+class Exposition:
+    """A private registry (no process or platform collectors) holding llmd's one collector."""
+
+    def __init__(self, metrics: Metrics, snapshot: Callable[[], Snapshot]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(LlmdCollector(metrics, snapshot))
+
+    def page(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and its content type: OpenMetrics if `accept` asks for it, else the
+        Prometheus text format (0.0.4)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type

@@ -37,7 +37,6 @@ from llmd.config import Config, normalize_model
 from llmd.forward import CLIENT_CLOSED, Forwarder, RecordFn, Upload, client_gone
 from llmd.lifecycle import Lifecycle
 from llmd.merged import Merged
-from llmd.metrics import CONTENT_TYPE
 from llmd.models import LoadError
 from llmd.ollama_errors import (
     go_duration,
@@ -78,7 +77,7 @@ class Proxy:
         *,
         session: aiohttp.ClientSession,
         record: RecordFn,
-        metrics: Callable[[], str] | None = None,
+        metrics: Callable[[str], tuple[bytes, str]] | None = None,  # Accept -> page, type
     ) -> None:
         self.cfg = cfg
         self.backends = backends
@@ -220,10 +219,8 @@ class Proxy:
     async def _metrics_page(self, request: web.Request) -> web.Response:
         if self._metrics is None:
             raise ProxyError(404, "metrics are not enabled")
-        return web.Response(
-            body=self._metrics().encode(),
-            headers={"Content-Type": CONTENT_TYPE},
-        )
+        body, content_type = self._metrics(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # -- routing ----------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import psutil
 import tomli_w
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_DIR = ROOT / "tests" / "sim"
@@ -314,3 +316,21 @@ def pid_alive(pid: int) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def series(name: str, **labels: str) -> str:
+    """A series' key in parse_metrics' answer: `name{a="x",b="y"}`, labels sorted by name."""
+    pairs = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{pairs}}}" if pairs else name
+
+
+def parse_metrics(text: str, openmetrics: bool = False) -> dict[str, float]:
+    """A /metrics page parsed by prometheus_client: {series(name, **labels): value}."""
+    families = parse_om(text) if openmetrics else parse_text(text)
+    return {series(s.name, **s.labels): s.value for f in families for s in f.samples}
+
+
+def scrape(d: Llmd) -> dict[str, float]:
+    """llmd's /metrics (the Prometheus text format), parsed."""
+    with urllib.request.urlopen(d.url + "/metrics", timeout=30) as r:
+        return parse_metrics(r.read().decode())

@@ -21,7 +21,7 @@ import ollama
 import openai
 import psutil
 import pytest
-from llmdproc import Factory, Llmd, pid_alive, pull, wait_for
+from llmdproc import Factory, Llmd, parse_metrics, pid_alive, pull, series, wait_for
 
 TINY = "tiny:1m"
 TINY2 = "tiny:2m"
@@ -572,14 +572,14 @@ def test_metrics_are_per_model_prometheus(daemon: Factory) -> None:
         )
     with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = r.read().decode()
-    assert f'llmd_requests_total{{model="{TINY}",endpoint="/api/generate",status="200"}} 2' in text
-    assert f'llmd_cold_starts_total{{model="{TINY}"}} 1' in text
-    assert f'llmd_model_events_total{{event="load",model="{TINY}"}} 1' in text
-    assert f'llmd_model_loaded{{model="{TINY}",backend="b0"}} 1' in text
-    assert f'llmd_request_duration_seconds_count{{model="{TINY}"}} 2' in text
-    assert 'llmd_backend_up{backend="b0"} 1' in text
-    assert 'llmd_gpu_memory_total_bytes{gpu="0"}' in text
+        s = parse_metrics(r.read().decode())
+    assert s[series("llmd_requests_total", model=TINY, endpoint="/api/generate", status="200")] == 2
+    assert s[series("llmd_cold_starts_total", model=TINY)] == 1
+    assert s[series("llmd_model_events_total", event="load", model=TINY)] == 1
+    assert s[series("llmd_model_loaded", model=TINY, backend="b0")] == 1
+    assert s[series("llmd_request_duration_seconds_count", model=TINY)] == 2
+    assert s[series("llmd_backend_up", backend="b0")] == 1
+    assert series("llmd_gpu_memory_total_bytes", gpu="0") in s
 
 
 def test_runtime_pin_survives_restart(daemon: Factory) -> None:

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from llmdproc import Factory, Llmd, wait_for
+from llmdproc import Factory, Llmd, scrape, series, wait_for
 
 TINY = "tiny:1m"  # trained context 8192
 EMBED = "tiny-embed:1m"  # trained context 512
@@ -55,12 +55,6 @@ def runner_starts(d: Llmd, model: str) -> int:
     )
 
 
-def metric(d: Llmd, line_start: str) -> str | None:
-    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return next((ln for ln in text.splitlines() if ln.startswith(line_start)), None)
-
-
 def test_other_runner_options_are_served_by_the_loaded_runner(daemon: Factory) -> None:
     """num_ctx 2048, then 8192: one load only, the second request is served with 2048, and the
     override is counted in /metrics and `llmctl models --json`; likewise for embeddings."""
@@ -76,12 +70,9 @@ def test_other_runner_options_are_served_by_the_loaded_runner(daemon: Factory) -
         assert status == 200, doc
     assert child_ctx(d, EMBED) == 256
     assert runner_starts(d, EMBED) == 1
-    assert metric(d, f'llmd_runner_options_overridden_total{{model="{TINY}"}}') == (
-        f'llmd_runner_options_overridden_total{{model="{TINY}"}} 1'
-    )
-    assert metric(d, f'llmd_runner_options_overridden_total{{model="{EMBED}"}}') == (
-        f'llmd_runner_options_overridden_total{{model="{EMBED}"}} 2'
-    )
+    s = scrape(d)
+    assert s[series("llmd_runner_options_overridden_total", model=TINY)] == 1
+    assert s[series("llmd_runner_options_overridden_total", model=EMBED)] == 2
     m = d.model(TINY)
     assert m["options_overridden"] == 1
     assert m["runner_options"] == {"num_ctx": 2048}

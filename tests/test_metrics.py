@@ -1,0 +1,156 @@
+"""Tests for llmd.metrics: the collector over a plain snapshot, through prometheus_client."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from llmdproc import parse_metrics, series
+
+from llmd import metrics as M
+from llmd.store import RequestRecord
+
+OPENMETRICS = "application/openmetrics-text"
+# What Prometheus 2.x sends.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def request(model: str, duration_s: float = 0.2) -> RequestRecord:
+    return RequestRecord(
+        time=0.0, model=model, endpoint="/api/generate", status=200, duration_s=duration_s
+    )
+
+
+def model(name: str, backend: str, **kw: Any) -> M.ModelGauges:
+    kw.setdefault("loaded", True)
+    kw.setdefault("in_flight", 0)
+    kw.setdefault("vram_bytes", 0)
+    kw.setdefault("keep_alive_s", 300.0)
+    return M.ModelGauges(name, backend, keep_alive_source="default", **kw)
+
+
+def page(counters: M.Metrics, snap: M.Snapshot | None = None, accept: str = "") -> tuple[str, str]:
+    snap = snap or M.Snapshot(models=[], backends=[], gpus=[])
+    body, content_type = M.Exposition(counters, lambda: snap).page(accept)
+    return body.decode(), content_type
+
+
+def test_the_text_format_unless_openmetrics_is_asked_for() -> None:
+    """Without an Accept header (or with text/plain) /metrics is the 0.0.4 text format; a
+    client that accepts OpenMetrics, as Prometheus does, gets OpenMetrics ending in # EOF."""
+    counters = M.Metrics()
+    counters.record_request(request("a"))
+    for accept in ("", "text/plain", "*/*"):
+        text, content_type = page(counters, accept=accept)
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+        assert not text.endswith("# EOF\n")
+    for accept in (OPENMETRICS, PROMETHEUS_ACCEPT):
+        text, content_type = page(counters, accept=accept)
+        assert content_type.startswith("application/openmetrics-text; version=")
+        assert text.endswith("# EOF\n")
+        assert parse_metrics(text, openmetrics=True) == parse_metrics(page(counters)[0])
+
+
+def test_counters_keep_their_total_names_and_have_no_created_series() -> None:
+    """A counter is `# TYPE llmd_requests_total counter` in the text format, as before
+    prometheus_client; OpenMetrics names the family without _total and the samples with it.
+    The collector gives no creation time, so neither format has _created samples."""
+    counters = M.Metrics()
+    counters.record_request(request("a"))
+    text, _ = page(counters)
+    assert "# TYPE llmd_requests_total counter" in text
+    assert re.search(r'^llmd_requests_total\{.*model="a".*\} 1\.0$', text, re.M)
+    om, _ = page(counters, accept=OPENMETRICS)
+    assert "# TYPE llmd_requests counter" in om
+    assert re.search(r'^llmd_requests_total\{.*model="a".*\} 1\.0$', om, re.M)
+    assert "_created" not in text + om
+
+
+def test_only_llmd_families_are_exported() -> None:
+    """The registry is private: no process_, python_gc_ or platform families."""
+    text, _ = page(M.Metrics())
+    names = re.findall(r"^# TYPE (\S+) ", text, re.M)
+    assert names and all(n.startswith("llmd_") for n in names)
+
+
+@pytest.mark.parametrize(
+    ("observed", "le", "cumulative"),
+    [
+        # A value on a bound counts in that bucket (le is inclusive).
+        ([0.25], "0.25", 1),
+        ([0.25], "0.1", 0),
+        ([0.05, 0.3, 200.0], "0.5", 2),
+        ([0.05, 0.3, 200.0], "120.0", 2),
+        ([0.05, 0.3, 200.0], "+Inf", 3),
+    ],
+)
+def test_histogram_buckets_are_cumulative_and_inclusive(
+    observed: list[float], le: str, cumulative: int
+) -> None:
+    counters = M.Metrics()
+    for v in observed:
+        counters.record_request(request("a", duration_s=v))
+    s = parse_metrics(page(counters)[0])
+    name = "llmd_request_duration_seconds"
+    assert s[series(f"{name}_bucket", model="a", le=le)] == cumulative
+    assert s[series(f"{name}_count", model="a")] == len(observed)
+    assert s[series(f"{name}_sum", model="a")] == pytest.approx(sum(observed))
+    # Every bound of BUCKETS is a series, as before (le as str() of the bound).
+    buckets = [k for k in s if k.startswith(f"{name}_bucket")]
+    assert len(buckets) == len(M.BUCKETS) + 1
+
+
+def test_a_replicated_model_is_loaded_per_backend_and_summed_per_model() -> None:
+    """llmd_model_loaded has a series per copy; in-flight and VRAM are the model's sum;
+    keep-alive -1 means forever."""
+    snap = M.Snapshot(
+        models=[
+            model("r", "b0", in_flight=2, vram_bytes=3 * 2**30, keep_alive_s=None),
+            model("r", "b1", loaded=False, in_flight=1, vram_bytes=2**30, keep_alive_s=None),
+        ],
+        backends=[M.BackendGauges("b0", True, 0), M.BackendGauges("b1", False, 3)],
+        gpus=[M.GpuGauges(0, 123, 24564 * 2**20)],
+    )
+    s = parse_metrics(page(M.Metrics(), snap)[0])
+    assert s[series("llmd_model_loaded", model="r", backend="b0")] == 1
+    assert s[series("llmd_model_loaded", model="r", backend="b1")] == 0
+    assert s[series("llmd_model_in_flight", model="r")] == 3
+    # Byte counts stay exact (the library writes them as 4.294967296e+09).
+    assert s[series("llmd_model_vram_bytes", model="r")] == 4 * 2**30
+    assert s[series("llmd_model_keep_alive_seconds", model="r", source="default")] == -1
+    assert s[series("llmd_backend_up", backend="b1")] == 0
+    assert s[series("llmd_backend_restarts_total", backend="b1")] == 3
+    assert s[series("llmd_gpu_memory_total_bytes", gpu="0")] == 24564 * 2**20
+
+
+def test_queue_limits_and_the_store_are_gauges() -> None:
+    """llmd_queue_max is the model's max_queue (for a saturation alert beside
+    llmd_queue_waiting); llmd_store_degraded is 1 while the store cannot save."""
+    snap = M.Snapshot(
+        models=[],
+        backends=[],
+        gpus=[],
+        queues=[M.QueueGauges("a", 60, 1, 1, False, {"queue_full": 2}, 0, max_queue=64)],
+        store_degraded=True,
+    )
+    s = parse_metrics(page(M.Metrics(), snap)[0])
+    assert s[series("llmd_queue_waiting", model="a")] == 60
+    assert s[series("llmd_queue_max", model="a")] == 64
+    assert s[series("llmd_queue_rejected_total", model="a", reason="queue_full")] == 2
+    assert s[series("llmd_queue_rejected_total", model="a", reason="queue_timeout")] == 0
+    assert s[series("llmd_store_degraded")] == 1
+
+
+def test_label_values_are_escaped_and_read_back() -> None:
+    odd = 'a "quoted" \\ name\nwith a newline'
+    counters = M.Metrics()
+    counters.record_request(request(odd))
+    counters.record_event("crash", None)  # no model: an empty label
+    for accept in ("", OPENMETRICS):
+        s = parse_metrics(page(counters, accept=accept)[0], openmetrics=bool(accept))
+        assert s[series("llmd_requests_total", model=odd, endpoint="/api/generate", status="200")]
+        assert s[series("llmd_model_events_total", event="crash", model="")] == 1
