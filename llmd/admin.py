@@ -243,15 +243,18 @@ class Admin:
             backlog = await self.store.events(limit, wanted.model, kinds=wanted.kinds)
             await resp.prepare(request)
             shown = [_line(e) for e in reversed(backlog)]
-            for line in shown:
-                await resp.write(line)
-            seen = set(shown)  # published while the backlog was read: already sent
-            async for event in aiter_events(f, HEARTBEAT_S):
-                line = b"\n" if event is None else _line(event)
-                if line in seen:
-                    continue
-                seen.clear()  # past what the backlog covered
-                await resp.write(line)
+            try:
+                for line in shown:
+                    await resp.write(line)
+                seen = set(shown)  # published while the backlog was read: already sent
+                async for event in aiter_events(f, HEARTBEAT_S):
+                    line = b"\n" if event is None else _line(event)
+                    if line in seen:
+                        continue
+                    seen.clear()  # past what the backlog covered
+                    await resp.write(line)
+            except ConnectionResetError:  # the follower went away (Ctrl-C): nothing to say
+                log.debug("an events follower went away")
         return resp
 
     # -- pins -------------------------------------------------------------------------------------

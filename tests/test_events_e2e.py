@@ -94,6 +94,11 @@ def test_follow_shows_the_backlog_then_new_events_of_one_model_and_kind(daemon: 
         assert f.proc.poll() is None  # still following
         f.proc.send_signal(signal.SIGINT)  # Ctrl-C ends a follow, successfully
         assert f.proc.wait(10) == 0
+    # The next event finds the follower gone: llmd lets it go quietly.
+    ok(d, "load", TINY)
+    time.sleep(0.5)
+    assert "an events follower went away" in d.logs()
+    assert "/v1/events/follow failed" not in d.logs()
 
 
 def test_follow_json_lines_and_the_end_when_llmd_stops(daemon: Factory) -> None:
