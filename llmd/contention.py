@@ -11,9 +11,9 @@ output token after it), llmd keeps:
 - a window: its last `window` samples of any kind of request, none older than `window_s`.
 
 A model is contended when, for TTFT or TPOT, its window's p99 is above `factor` times its
-baseline (with at least `min_samples` in the window, `min_slow` of them above it), while every other model that can be judged
-stays within `factor` of its own. It clears once both kinds are below `clear_factor` times their
-baselines, or when its window has too few recent samples to say.
+baseline (with at least `min_samples` in the window, `min_slow` of them above it), while every
+other model that can be judged stays within `factor` of its own. It clears once both kinds are
+below `clear_factor` times their baselines, or when its window has too few recent samples to say.
 """
 
 from __future__ import annotations

@@ -138,9 +138,7 @@ def test_baselines_survive_a_restart() -> None:
     saved = {m: tr.baseline_samples(m) for m in tr.models()}
     again = Tracker(RULE, saved)
     assert again.baseline("a", "tpot") == pytest.approx(0.01)
-    assert [c.contended for c in feed(again, "a", [slow(i, tpot=0.05) for i in range(5)])] == [
-        True
-    ]
+    assert [c.contended for c in feed(again, "a", [slow(i, tpot=0.05) for i in range(5)])] == [True]
 
 
 @pytest.mark.parametrize(
