@@ -276,6 +276,27 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ContentionConfig:
+    """[contention]: when a model counts as slowed down by something else (llmd.contention)."""
+
+    # A model is contended when its window's p99 (TTFT or time per token) is above this many
+    # times its baseline while every other model stays within this many times its own.
+    factor: float = 2.0
+    # It clears once both are below this many times their baselines.
+    clear_factor: float = 1.5
+    # The window: a model's last this many requests...
+    window: int = 50
+    # ...none older than this.
+    window_time: float = 300.0
+    # Requests the window must hold to judge the model.
+    min_samples: int = 10
+    # Requests in the window above factor x baseline needed to set the flag.
+    min_slow: int = 3
+    # Quiet requests a model's baseline needs before it is judged at all.
+    baseline_samples: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, validated."""
 
@@ -287,6 +308,7 @@ class Config:
     backends: tuple[BackendConfig, ...]
     models: tuple[ModelConfig, ...]
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    contention: ContentionConfig = field(default_factory=ContentionConfig)
 
     def model(self, name: str) -> ModelConfig | None:
         """The [[model]] entry for a canonical model name, if configured."""
@@ -552,6 +574,19 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         aging=_positive_duration,
         swap_batch=_positive_int,
     )
+    contention = _read_dataclass(
+        file,
+        "contention",
+        top.raw("contention", {}),
+        ContentionConfig,
+        factor=_positive_number,
+        clear_factor=_positive_number,
+        window=_positive_int,
+        window_time=_positive_duration,
+        min_samples=_positive_int,
+        min_slow=_positive_int,
+        baseline_samples=_positive_int,
+    )
     no_tables: list[object] = []
     backend_tables = top.get("backend", no_tables, _table_list)
     model_tables = top.get("model", no_tables, _table_list)
@@ -561,7 +596,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
     if not backends:
         backends = (BackendConfig(name="default", port=FIRST_BACKEND_PORT),)
     models = tuple(_read_model(file, i, t) for i, t in enumerate(model_tables))
-    cfg = Config(file, daemon, proxy, keep_alive, gpu, backends, models, scheduler)
+    cfg = Config(file, daemon, proxy, keep_alive, gpu, backends, models, scheduler, contention)
     _check_whole(cfg)
     return cfg
 
@@ -719,6 +754,11 @@ def _check_whole(cfg: Config) -> None:
         )
     if g.low_watermark >= g.high_watermark:
         raise ConfigError(file, "gpu.low_watermark", "must be below gpu.high_watermark")
+    c = cfg.contention
+    if not 1.0 <= c.clear_factor <= c.factor:
+        raise ConfigError(
+            file, "contention.clear_factor", "must be at least 1 and at most contention.factor"
+        )
     if g.probe == "ollama" and g.total is None:
         raise ConfigError(
             file,
@@ -832,6 +872,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             admission_timeout=_duration_text,
         ),
         "scheduler": _table(cfg.scheduler, queue_timeout=_duration_text, aging=_duration_text),
+        "contention": _table(cfg.contention, window_time=_duration_text),
         "backend": [
             _table(
                 b,

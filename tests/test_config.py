@@ -44,6 +44,7 @@ def test_reference_config_documents_every_field() -> None:
         "keep_alive": config.KeepAliveConfig,
         "gpu": config.GpuConfig,
         "scheduler": config.SchedulerConfig,
+        "contention": config.ContentionConfig,
         "backend": config.BackendConfig,
         "model": config.ModelConfig,
     }
@@ -76,6 +77,8 @@ def test_reference_config_documents_every_field() -> None:
         ("[scheduler]\nmax_queue = 0", "scheduler.max_queue", "at least 1"),
         ('[scheduler]\nqueue_timeout = "0s"', "scheduler.queue_timeout", "positive"),
         ("[scheduler]\nswap_batch = -1", "scheduler.swap_batch", "at least 1"),
+        ("[contention]\nfactor = 0", "contention.factor", "positive"),
+        ("[contention]\nclear_factor = 3.0", "contention.clear_factor", "at most"),
         ('[[backend]]\nname = "a"\nnum_parallel = 0', "backend[0].num_parallel", "at least 1"),
         (
             '[[backend]]\nname = "a"\nnum_parallel = 2\nenv = { OLLAMA_NUM_PARALLEL = "4" }',
@@ -387,13 +390,23 @@ def test_to_dict_mirrors_the_files_sections_and_keys(tmp_path: Path) -> None:
     """to_dict has the file's sections and every key of each, less unset ones and path."""
     cfg = load_text(tmp_path, RICH)
     doc = config.to_dict(cfg)
-    assert list(doc) == ["daemon", "proxy", "keep_alive", "gpu", "scheduler", "backend", "model"]
+    assert list(doc) == [
+        "daemon",
+        "proxy",
+        "keep_alive",
+        "gpu",
+        "scheduler",
+        "contention",
+        "backend",
+        "model",
+    ]
     names = {
         "daemon": config.DaemonConfig,
         "proxy": config.ProxyConfig,
         "keep_alive": config.KeepAliveConfig,
         "gpu": config.GpuConfig,
         "scheduler": config.SchedulerConfig,
+        "contention": config.ContentionConfig,
     }
     for section, cls in names.items():
         assert list(doc[section]) == [f.name for f in dataclasses.fields(cls)], section
