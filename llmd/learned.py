@@ -1,4 +1,5 @@
-"""What llmd has learned, held in memory: idle-gap histograms per day, model facts and pins."""
+"""What llmd has learned, held in memory: idle-gap histograms per day, model facts, pins and
+latency baselines."""
 
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ class Changes:
     busy: set[str]
     facts: set[str]
     pins: set[str]
+    baselines: set[str]
 
 
+# Per model: the quiet latency samples behind its baselines, by kind (see llmd.contention).
+Baselines = dict[str, list[float]]
 _FactUpdate = tuple[str, int | None, int | None, float | None]
 
 
@@ -57,6 +61,7 @@ class Learned:
         self.busy_until: dict[str, float] = {}  # roll-up marks: see the idle_rollup table
         self.facts: dict[str, ModelFacts] = {}
         self.pinned: set[str] = set()
+        self.baselines: dict[str, Baselines] = {}
         # Pins read from a database that could not be opened for writing, in force until it can.
         self.peeked_pins: set[str] = set()
         self._fact_updates: deque[_FactUpdate] = deque(maxlen=1000)
@@ -68,6 +73,7 @@ class Learned:
         self._dirty_busy: set[str] = set()
         self._dirty_facts: set[str] = set()
         self._dirty_pins: set[str] = set()
+        self._dirty_baselines: set[str] = set()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -123,6 +129,11 @@ class Learned:
         else:
             self.pinned.discard(model)
         self._dirty_pins.add(model)
+
+    def set_baselines(self, model: str, samples: Baselines) -> None:
+        """Remember the quiet latency samples behind the model's baselines."""
+        self.baselines[model] = {k: list(v) for k, v in samples.items()}
+        self._dirty_baselines.add(model)
 
     def count_gap(self, model: str, start: float, duration_s: float) -> None:
         """Count the idle gap that a request closes, and move the model's roll-up mark."""
@@ -183,8 +194,11 @@ class Learned:
         busy_until: Iterable[tuple[str, float]],
         facts: Iterable[ModelFacts],
         pins: Iterable[str],
+        baselines: Iterable[tuple[str, Baselines]] = (),
     ) -> None:
         """Merge what a database holds with what was learned since start (see loaded)."""
+        # Baselines learned since start are newer than the database's.
+        self.baselines = {**dict(baselines), **self.baselines}
         for model, day, hist in hists:
             days = self.hists.setdefault(model, {})
             if day in days:
@@ -217,12 +231,19 @@ class Learned:
         self._dirty_busy |= set(self.busy_until)
         self._dirty_facts |= set(self.facts)
         self._dirty_pins |= self.pinned
+        self._dirty_baselines |= set(self.baselines)
 
     def take_changes(self) -> Changes:
         """What changed since the last take, now counted as written; put_back() if it was not."""
-        changes = Changes(self._dirty_hists, self._dirty_busy, self._dirty_facts, self._dirty_pins)
+        changes = Changes(
+            self._dirty_hists,
+            self._dirty_busy,
+            self._dirty_facts,
+            self._dirty_pins,
+            self._dirty_baselines,
+        )
         self._dirty_hists, self._dirty_busy = set(), set()
-        self._dirty_facts, self._dirty_pins = set(), set()
+        self._dirty_facts, self._dirty_pins, self._dirty_baselines = set(), set(), set()
         return changes
 
     def put_back(self, changes: Changes) -> None:
@@ -231,3 +252,4 @@ class Learned:
         self._dirty_busy |= changes.busy
         self._dirty_facts |= changes.facts
         self._dirty_pins |= changes.pins
+        self._dirty_baselines |= changes.baselines

@@ -27,7 +27,7 @@ log = logging.getLogger("llmd.store")
 
 CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The whole current schema. A new database gets it in one transaction with user_version set to
 # SCHEMA_VERSION; an older database gets MIGRATIONS instead, so the two must agree.
@@ -88,11 +88,22 @@ CREATE TABLE pins (
     model TEXT PRIMARY KEY
 );
 """
+_BASELINES = """
+-- Per model, the quiet requests' latencies its contention baselines are the median of
+-- (llmd.contention): JSON {"ttft": [seconds, ...], "tpot": [seconds, ...]}.
+CREATE TABLE latency_baselines (
+    model TEXT PRIMARY KEY,
+    samples TEXT NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+SCHEMA += _BASELINES
 
 # MIGRATIONS[n] turns a version n-1 database into version n.
 MIGRATIONS: dict[int, str] = {
     2: "ALTER TABLE requests ADD COLUMN request_id TEXT;\n"
     "ALTER TABLE events ADD COLUMN request_id TEXT;",
+    3: _BASELINES,
 }
 
 # SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xFF).
@@ -117,6 +128,13 @@ class RequestRecord:
     prompt_tokens: int | None = None
     eval_tokens: int | None = None
     request_id: str | None = None  # the client's X-Request-Id, or llmd's own
+    # Not stored: for the contention rule only.
+    queued_s: float = 0.0  # time it waited in llmd's queue for its turn
+    streamed: bool = False  # answered as a stream (NDJSON or SSE): ttfb_s is the first token's
+
+    def row(self) -> tuple[Any, ...]:
+        """Its values in the requests table's INSERT order."""
+        return astuple(self)[:11]
 
 
 # time, kind, model, backend, reason
@@ -293,6 +311,14 @@ class Store:
     def pins(self) -> set[str]:
         """The models pinned at runtime."""
         return self.learned.pins()
+
+    def baselines(self) -> dict[str, dict[str, list[float]]]:
+        """Every model's saved latency baseline samples, by kind."""
+        return {m: {k: list(v) for k, v in b.items()} for m, b in self.learned.baselines.items()}
+
+    def set_baselines(self, model: str, samples: dict[str, list[float]]) -> None:
+        """Remember a model's latency baseline samples; written at the next flush."""
+        self.learned.set_baselines(model, samples)
 
     def status(self) -> dict[str, Any]:
         """The store's health for the admin API."""
@@ -647,6 +673,7 @@ class Store:
             db, "SELECT model, size_vram, size, load_s, loads, updated FROM model_facts"
         )
         pin_rows = await _fetchall(db, "SELECT model FROM pins")
+        baseline_rows = await _fetchall(db, "SELECT model, samples FROM latency_baselines")
 
         # No awaits below: memory changes all at once or not at all.
         hists: list[tuple[str, str, IdleHistogram]] = []
@@ -659,8 +686,19 @@ class Store:
                 )
                 continue
             hists.append((model, day, hist))
+        baselines = []
+        for model, text in baseline_rows:
+            try:
+                doc = json.loads(text)
+                baselines.append((model, {k: [float(v) for v in doc[k]] for k in doc}))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("database %s: skipping bad baseline of %s: %s", self.path, model, exc)
         self.learned.load(
-            hists, busy_rows, [ModelFacts(*r) for r in fact_rows], [r[0] for r in pin_rows]
+            hists,
+            busy_rows,
+            [ModelFacts(*r) for r in fact_rows],
+            [r[0] for r in pin_rows],
+            baselines,
         )
         self._rows = rows
 
@@ -680,6 +718,12 @@ class Store:
         ]
         busy_rows = [(m, learned.busy_until[m]) for m in changes.busy if m in learned.busy_until]
         fact_rows = [astuple(learned.facts[m]) for m in changes.facts if m in learned.facts]
+        now = self._clock()
+        baseline_rows = [
+            (m, json.dumps(learned.baselines[m], separators=(",", ":")), now)
+            for m in changes.baselines
+            if m in learned.baselines
+        ]
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
@@ -687,7 +731,7 @@ class Store:
                     "INSERT INTO requests (time, model, endpoint, status, duration_s, ttfb_s,"
                     " waited_for_load, load_duration_s, prompt_tokens, eval_tokens, request_id)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [astuple(r) for r in reqs],
+                    [r.row() for r in reqs],
                 )
                 await db.executemany(
                     "INSERT INTO events (time, kind, model, backend, reason, request_id)"
@@ -715,6 +759,11 @@ class Store:
                 await db.executemany(
                     "DELETE FROM pins WHERE model = ?",
                     [(m,) for m in changes.pins if m not in learned.pinned],
+                )
+                await db.executemany(
+                    "INSERT OR REPLACE INTO latency_baselines (model, samples, updated)"
+                    " VALUES (?, ?, ?)",
+                    baseline_rows,
                 )
                 await db.execute("COMMIT")
             except BaseException:

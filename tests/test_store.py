@@ -452,6 +452,37 @@ async def test_migrations_upgrade_an_older_database(opener, db_path, monkeypatch
     assert "extra" in [r[1] for r in query(db_path, "PRAGMA table_info(events)")]
 
 
+async def test_version_2_database_gains_the_baselines_table(opener, db_path):
+    """A schema 2 database (no latency_baselines) is migrated to 3 and keeps its rows."""
+    with sqlite3.connect(db_path) as conn:
+        v2 = store_module.SCHEMA.replace(store_module._BASELINES, "")
+        conn.executescript(v2 + "PRAGMA user_version = 2;")
+        conn.execute("INSERT INTO pins (model) VALUES ('a')")
+    s = await opener()
+    assert s.degraded is None and s.pins() == {"a"}
+    assert query(db_path, "PRAGMA user_version") == [(3,)]
+    s.set_baselines("m", {"ttft": [0.1, 0.2], "tpot": [0.01]})
+    assert await s.flush()
+    assert query(db_path, "SELECT model FROM latency_baselines") == [("m",)]
+
+
+async def test_baselines_are_kept_across_a_restart(opener):
+    """Latency baselines are written behind memory and read back at the next start."""
+    s = await opener()
+    s.set_baselines("m", {"ttft": [0.1, 0.2], "tpot": [0.01, 0.02]})
+    await s.close()
+    s2 = await opener()
+    assert s2.baselines() == {"m": {"ttft": [0.1, 0.2], "tpot": [0.01, 0.02]}}
+
+
+async def test_request_fields_for_contention_are_not_stored(opener, db_path):
+    """queued_s and streamed travel with a request record but are not columns."""
+    s = await opener()
+    s.record_request(req(T0, queued_s=1.5, streamed=True))
+    assert await s.flush()
+    assert query(db_path, "SELECT count(*) FROM requests") == [(1,)]
+
+
 async def test_corruption_found_while_running_moves_the_file_aside(opener, db_path, clock):
     """Corruption found by a write moves the file aside; memory's whole state goes to a new one."""
     s = await opener()
