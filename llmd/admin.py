@@ -21,6 +21,7 @@ from llmd.backends import Backends
 from llmd.config import Config
 from llmd.connlimit import Connections, open_file_limit
 from llmd.feed import Feed, Filter, aiter_events
+from llmd.latency import LatencyWatch
 from llmd.lifecycle import EventSink, Lifecycle
 from llmd.models import LoadError, Model, MState, explain_keep_alive, policy_inputs
 from llmd.process import Child
@@ -96,6 +97,7 @@ class Admin:
         events: EventSink,
         feed: Feed,
         control: Control,
+        latency: LatencyWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.backends = backends
@@ -107,6 +109,7 @@ class Admin:
         self._events = events
         self._feed = feed
         self._control = control
+        self._latency = latency
 
     def configure(self, cfg: Config) -> None:
         """Take a reloaded config."""
@@ -332,6 +335,7 @@ class Admin:
                 for s in [c.status()]
             ],
             "models": self.models_doc(),
+            "contended": self._latency.contended() if self._latency else [],
             "gpu": self._gpu_doc(),
             "store": self.store.status(),
         }
@@ -442,6 +446,7 @@ class Admin:
                     "context_length": m.context_length if m and m.resident else None,
                     "options_overridden": m.options_overridden if m else 0,
                     **self._footprint(name, m, backend),
+                    **(self._latency.doc(name) if self._latency else {}),
                 }
             )
         return out
@@ -450,6 +455,7 @@ class Admin:
         """The gauges /metrics shows, as plain data."""
         models = sorted(self.lifecycle.models.values(), key=lambda m: m.name)
         snap = self.lifecycle.memory.snapshot
+        lat = self._latency
         return metrics.Snapshot(
             models=[
                 metrics.ModelGauges(
@@ -461,6 +467,9 @@ class Admin:
                     keep_alive_s=ka.keep_alive_s,
                     keep_alive_source=ka.source,
                     options_overridden=m.options_overridden,
+                    contended=bool(lat and lat.tracker.contended(m.name)),
+                    baseline_ttft_s=lat.tracker.baseline(m.name, "ttft") if lat else None,
+                    baseline_tpot_s=lat.tracker.baseline(m.name, "tpot") if lat else None,
                 )
                 for m in models
                 for ka in [self.lifecycle.keep_alive_of(m)]

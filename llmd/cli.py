@@ -47,6 +47,8 @@ def render_status(doc: dict[str, Any]) -> str:
     store = doc.get("store") or {}
     if store.get("degraded"):
         lines.append(f"store DEGRADED: {store['degraded']}")
+    for c in doc.get("contended") or []:
+        lines.append(f"warning: model {c['model']} is CONTENDED: {c['reason']}")
     lines += [
         "",
         table(

@@ -29,6 +29,7 @@ from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap, open_file_limit
 from llmd.feed import Feed
+from llmd.latency import LatencyWatch
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
 from llmd.metrics import Exposition, Metrics
@@ -82,6 +83,7 @@ class Daemon:
         self.connections: Connections
         self.memory: Memory
         self.admin: Admin
+        self.latency: LatencyWatch | None = None
         self._tg: asyncio.TaskGroup
 
     # -- running ----------------------------------------------------------------------------------
@@ -124,6 +126,13 @@ class Daemon:
                 on_loaded=self._loaded,
             )
             self.scheduler = Scheduler(self.cfg, self.lifecycle)
+            self.latency = LatencyWatch(
+                self.cfg,
+                lifecycle=self.lifecycle,
+                backends=self.backends,
+                store=self.store,
+                events=self,
+            )
             self.proxy = Proxy(
                 self.cfg,
                 self.backends,
@@ -157,11 +166,16 @@ class Daemon:
             kind, model=model, backend=backend, reason=reason, request_id=logs.request_id.get()
         )
         self.feed.publish(event)
+        if self.latency is not None:
+            self.latency.note_event(kind, model)
 
     def record_request(self, rec: RequestRecord) -> None:
-        """A finished proxied request: counted for /metrics, kept in the store for learning."""
+        """A finished proxied request: counted for /metrics, kept in the store for learning,
+        judged for contention."""
         self.metrics.record_request(rec)
         self.store.record_request(rec)
+        if self.latency is not None:
+            self.latency.record(rec)
 
     def _make_probe(self) -> gpu.Probe:
         g = self.cfg.gpu
@@ -219,6 +233,7 @@ class Daemon:
             events=self,
             feed=self.feed,
             control=self,
+            latency=self.latency,
         )
         admin_runner = web.AppRunner(self.admin.app(), access_log=None)
         await admin_runner.setup()
@@ -347,6 +362,8 @@ class Daemon:
         while True:
             await asyncio.sleep(STATUS_EVERY_S)
             self.notifier.notify(f"STATUS={self.summary()}")
+            if self.latency is not None:
+                self.latency.tick()
             release_free_heap()
 
     def summary(self) -> str:
@@ -406,6 +423,8 @@ class Daemon:
             self.cfg = new
             for part in (self.memory, self.lifecycle, self.scheduler, self.proxy, self.admin):
                 part.configure(new)
+            if self.latency is not None:
+                self.latency.configure(new)
             self.connections.configure(new.proxy)
             _warn_exposure(new)
             self.lifecycle.rearm()  # keep-alives decided under the new config

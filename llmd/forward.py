@@ -79,6 +79,7 @@ class Forwarder:
         data: Any,
         lease: Lease | None,
         t0: float,
+        queued_s: float = 0.0,
     ) -> web.StreamResponse:
         headers = _pass_headers(request.headers, PRIVATE_HEADERS)
         if isinstance(data, Upload):
@@ -88,12 +89,15 @@ class Forwarder:
         status = 502
         ttfb: float | None = None
         tail = b""
+        streamed = False
         resp: web.StreamResponse | None = None
         try:
             async with self._session.request(
                 request.method, child.url + request.path_qs, data=data, headers=headers
             ) as up:
                 status = up.status
+                ctype = up.headers.get("Content-Type", "")
+                streamed = "ndjson" in ctype or "event-stream" in ctype
                 resp = web.StreamResponse(status=up.status, reason=up.reason)
                 for k, v in _pass_headers(up.headers, frozenset()).items():
                     resp.headers.add(k, v)
@@ -148,6 +152,8 @@ class Forwarder:
                     lease.waited_for_load,
                     lease.load_s,
                     tail,
+                    queued_s=queued_s,
+                    streamed=streamed,
                 )
 
     def record(
@@ -160,6 +166,9 @@ class Forwarder:
         waited: bool,
         load_s: float | None,
         tail: bytes,
+        *,
+        queued_s: float = 0.0,
+        streamed: bool = False,
     ) -> None:
         """Record one request; token counts and load time come from its answer's tail."""
         counts = _counters(tail)
@@ -179,6 +188,8 @@ class Forwarder:
                 prompt_tokens=counts.get("prompt_eval_count", counts.get("prompt_tokens")),
                 eval_tokens=counts.get("eval_count", counts.get("completion_tokens")),
                 request_id=logs.request_id.get(),
+                queued_s=queued_s,
+                streamed=streamed,
             )
         )
 

@@ -44,6 +44,9 @@ class ModelGauges:
     keep_alive_s: float | None  # None: forever
     keep_alive_source: str
     options_overridden: int = 0  # requests whose runner options llmd replaced
+    contended: bool = False  # llmd.contention's flag
+    baseline_ttft_s: float | None = None  # None: not learned yet
+    baseline_tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,28 @@ class LlmdCollector(Collector):
                     -1 if ms[0].keep_alive_s is None else ms[0].keep_alive_s,
                 )
                 for n, ms in per_model.items()
+            ),
+        )
+        yield _gauge(
+            "llmd_model_contended",
+            "1 while the model is contended: its p99 latency above contention.factor x its "
+            "baseline while the other models stay within theirs.",
+            ("model",),
+            (((n,), float(any(m.contended for m in ms))) for n, ms in per_model.items()),
+        )
+        yield _gauge(
+            "llmd_model_baseline_seconds",
+            "The model's latency baseline learned from quiet requests: time to first token "
+            "(ttft) and time per output token (tpot).",
+            ("model", "kind"),
+            (
+                ((n, kind), v)
+                for n, ms in per_model.items()
+                for kind, v in (
+                    ("ttft", ms[0].baseline_ttft_s),
+                    ("tpot", ms[0].baseline_tpot_s),
+                )
+                if v is not None
             ),
         )
         yield _counter(

@@ -403,13 +403,16 @@ class Proxy:
         t0 = time.time()
         try:
             async with self.scheduler.turn(name, children) as child:
+                queued_s = time.time() - t0
                 # The model's state as the request's turn comes decides its runner options
                 # (no await from here to the lease, which may start a load with them).
                 options = self.lifecycle.fit_options(name, child, body, native=native)
                 # Made before a load, so that the parsed body is freed while the load runs.
                 data = Upload(self._dump(body), self._holds.get(_task()))
                 async with self.lifecycle.lease(name, child, options) as lease:
-                    return await self._forwarder.forward(request, lease.child, data, lease, t0)
+                    return await self._forwarder.forward(
+                        request, lease.child, data, lease, t0, queued_s
+                    )
         except Rejected as e:
             self._forwarder.record(name, request.path, e.status, t0, None, False, None, b"")
             raise ProxyError(e.status, e.message, {"Retry-After": str(e.retry_after_s)}) from None

@@ -22,8 +22,6 @@ RULES = ROOT / "etc/prometheus/llmd-rules.yml"
 RULES_TEST = ROOT / "etc/prometheus/llmd-rules.test.yml"
 DASHBOARD = ROOT / "etc/grafana/llmd-dashboard.json"
 PROMTOOL = shutil.which("promtool")
-# Named by a rule before llmd exports it (see the rule's comment).
-NOT_YET_EXPORTED = {"llmd_model_contended"}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -68,7 +66,11 @@ def exported_families() -> set[str]:
     waits.observe(("m",), 0.1)
     batches.observe(("m",), 3)
     snap = M.Snapshot(
-        models=[M.ModelGauges("m", "b0", True, 0, 1, 300.0, "default")],
+        models=[
+            M.ModelGauges(
+                "m", "b0", True, 0, 1, 300.0, "default", baseline_ttft_s=0.1, baseline_tpot_s=0.01
+            )
+        ],
         backends=[M.BackendGauges("b0", True, 0)],
         gpus=[M.GpuGauges(0, 1, 2)],
         queues=[M.QueueGauges("m", 0, 0, 1, False, {}, 0, 64)],
@@ -88,10 +90,7 @@ def panels(ps: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def test_rules_and_dashboard_name_only_metrics_llmd_exports() -> None:
     names = set(re.findall(r"\bllmd_\w+", RULES.read_text() + DASHBOARD.read_text()))
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
-    unknown = families - exported_families()
-    # When llmd exports llmd_model_contended, update the LlmdModelContended rule's comment
-    # and this set.
-    assert unknown == NOT_YET_EXPORTED
+    assert families - exported_families() == set()
 
 
 def test_dashboard_is_a_grafana_model_on_a_prometheus_datasource_variable() -> None:
