@@ -230,10 +230,10 @@ class Tracker:
             return None
         if r is None or r[3] <= rule.factor or self._slow(m, r) < rule.min_slow:
             return None
-        for other in self._models:
+        for other, om in self._models.items():
             if other != name:
                 o = self.ratio(other)
-                if o is not None and o[3] > rule.factor:
+                if o is not None and o[3] > rule.factor and self._slow(om, o) >= rule.min_slow:
                     return None  # slow everywhere: not this model's contention
         m.contended, m.since = True, now
         return self._change(name, m, True, r)
