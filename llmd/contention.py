@@ -89,6 +89,12 @@ class _Model:
     since: float | None = None
 
 
+def _size(part: int, whole: int) -> str:
+    """ "2.1 of 4.0 GiB", or in MiB below a GiB."""
+    unit, name = (1024**3, "GiB") if whole >= 1024**3 else (1024**2, "MiB")
+    return f"{part / unit:.1f} of {whole / unit:.1f} {name}"
+
+
 def _ms(s: float) -> str:
     if s < 0.01:
         return f"{s * 1000:.2f} ms"
@@ -311,10 +317,7 @@ def causes(scene: Scene) -> list[str]:
     gib = 1024**3
     out = []
     if scene.size and scene.size_vram < scene.size:
-        out.append(
-            f"partly on the CPU ({scene.size_vram / gib:.1f} of {scene.size / gib:.1f} GiB "
-            "on the GPU)"
-        )
+        out.append(f"partly on the CPU ({_size(scene.size_vram, scene.size)} on the GPU)")
     if scene.queued_s >= 0.1:
         out.append(f"queueing behind other requests (up to {scene.queued_s:.1f}s in its queue)")
     if scene.loads or scene.swaps:

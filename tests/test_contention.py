@@ -174,6 +174,7 @@ def test_sample_of(kw: dict[str, object], expected: Sample | None) -> None:
     [
         (Scene(), []),
         (Scene(size=4 * GiB, size_vram=int(2.1 * GiB)), ["partly on the CPU (2.1 of 4.0 GiB"]),
+        (Scene(size=266 * 2**20, size_vram=261 * 2**20), ["partly on the CPU (261.0 of 266.0 MiB"]),
         (Scene(queued_s=1.5), ["queueing behind other requests (up to 1.5s"]),
         (Scene(loads=2), ["a swap (2 of its requests waited for a load)"]),
         (Scene(swaps=("b loaded 3s ago",)), ["a swap (b loaded 3s ago)"]),
