@@ -29,6 +29,9 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmd_model_in_flight": ("gauge", ("model",)),
     "llmd_model_vram_bytes": ("gauge", ("model",)),
     "llmd_model_keep_alive_seconds": ("gauge", ("model", "source")),
+    "llmd_model_contended": ("gauge", ("model",)),
+    # No series here: two requests teach no baseline.
+    "llmd_model_baseline_seconds": ("gauge", ("model", "kind")),
     "llmd_runner_options_overridden_total": ("counter", ("model",)),
     "llmd_backend_up": ("gauge", ("backend",)),
     "llmd_backend_restarts_total": ("counter", ("backend",)),
@@ -85,6 +88,7 @@ def expected(per_model: dict[str, int]) -> tuple[dict[str, float], set[str]]:
             series("llmd_model_events_total", event="load", model=m): 1,
             series("llmd_model_in_flight", model=m): 0,
             series("llmd_runner_options_overridden_total", model=m): 0,
+            series("llmd_model_contended", model=m): 0,
             series("llmd_queue_waiting", model=m): 0,
             series("llmd_queue_running", model=m): 0,
             series("llmd_queue_limit", model=m): 1,
