@@ -2,8 +2,9 @@
 
 Per GPU a bar of used memory (llmd's models, other programs, free); the backends; per model its
 state, backend, requests running of its limit and queued, GPU memory, keep-alive left and its
-basis, and its last event. Keys: q quits, s changes the sort, up/down select a model, p pins or
-unpins the selected one (after y to confirm). When stdout is not a terminal (or with --once) it
+basis, its latency against its quiet baseline (flagged when contended) and its last event.
+Keys: q quits, s changes the sort, up/down select a model, p pins or unpins the selected one
+(after y to confirm). When stdout is not a terminal (or with --once) it
 prints one plain frame and exits. Drawn with rich (python3-rich in Debian); keys are read from
 the terminal in cbreak mode."""
 
@@ -100,6 +101,18 @@ def _keep_alive(m: dict[str, Any]) -> str:
     return f"{text} ({basis})" if basis else text
 
 
+def _latency(m: dict[str, Any]) -> Text:
+    """The window's p99 against the model's quiet baseline (TTFT or time per token, the worse),
+    red once llmd has found it contended (see llmd/contention.py)."""
+    ratio = m.get("latency_ratio")
+    if ratio is None:
+        return Text("-", style="dim")
+    text = f"{ratio:.1f}x {m.get('latency_ratio_kind') or ''}".rstrip()
+    if m.get("contended"):
+        return Text(text + " CONTENDED", style="bold red")
+    return Text(text, style="yellow" if ratio > 1.5 else "")
+
+
 def gpu_bars(status: dict[str, Any]) -> list[Text]:
     """One line per GPU: a bar of llmd's models (cyan), other programs (magenta) and free."""
     gpu = status.get("gpu") or {}
@@ -181,6 +194,7 @@ def frame(v: View, now: float | None = None, interactive: bool = True) -> Render
         "VRAM",
         "KEEP-ALIVE",
         "UNLOAD IN",
+        "P99/BASE",
         "LAST EVENT",
     ):
         models.add_column(col, no_wrap=col != "LAST EVENT")
@@ -210,6 +224,7 @@ def frame(v: View, now: float | None = None, interactive: bool = True) -> Render
             _gib(m["size_vram"]),
             _keep_alive(m),
             _left(m.get("expires_in_s")),
+            _latency(m),
             event,
             style="reverse" if mine else None,
         )

@@ -117,6 +117,11 @@ def test_partial_cpu_load_is_contention_of_that_model_only(d: Llmd) -> None:
     assert d.model(SLOW)["contended"] and not d.model(FAST)["contended"]
     out = d.llmctl("status").stdout
     assert f"warning: model {SLOW} is CONTENDED: p99" in out
+    # llmctl top flags it too, in its p99-against-baseline column; the other model is not.
+    top = d.llmctl("top", "--once").stdout.splitlines()
+    slow_row = next(ln for ln in top if f" {SLOW} " in f" {ln} ")
+    fast_row = next(ln for ln in top if f" {FAST} " in f" {ln} ")
+    assert "CONTENDED" in slow_row and "CONTENDED" not in fast_row, top
     assert FAST + " is CONTENDED" not in out
     assert d.logs().count(f"model {SLOW} is contended") == 1  # one line, not one per request
 
