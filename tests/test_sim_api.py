@@ -252,6 +252,70 @@ def test_pull_copy_delete(client: ollama.Client, http: httpx.Client) -> None:
     assert not {"myphi:v1", "phi3:latest", "phi3:mini"} & {m.model for m in client.list().models}
 
 
+def test_create_from_a_model_with_parameters(client: ollama.Client, http: httpx.Client) -> None:
+    """/api/create with `from` and `parameters` writes a new manifest (another digest) over the
+    same model, with the parameters merged over the source's; /api/show lists them in Ollama's
+    `%-30s %#v` lines and names the source as parent_model; delete removes only the copy."""
+    r = client.create("ns-test/tiny:ctx", from_="tiny:1m", parameters={"num_ctx": 2048})
+    assert r.status == "success"
+    statuses = [
+        p.status
+        for p in client.create(
+            "ns-test/tiny:ctx2",
+            from_="ns-test/tiny:ctx",
+            parameters={"num_batch": 256, "stop": ["<x>", "<y>"]},
+            stream=True,
+        )
+    ]
+    assert statuses[0].startswith("using existing layer sha256:")
+    assert statuses[-2:] == ["writing manifest", "success"]
+    digests = {m.model: m.digest for m in client.list().models}
+    assert len({digests["tiny:1m"], digests["ns-test/tiny:ctx"], digests["ns-test/tiny:ctx2"]}) == 3
+    show = client.show("ns-test/tiny:ctx2")
+    assert show.parameters == "\n".join(
+        [
+            f"{'num_ctx':<30} 2048",
+            f"{'num_batch':<30} 256",
+            f'{"stop":<30} "<x>"',
+            f'{"stop":<30} "<y>"',
+        ]
+    )
+    assert show.details is not None and show.details.parent_model == "ns-test/tiny:ctx"
+    assert show.modelfile is not None and "PARAMETER num_ctx 2048\n" in show.modelfile
+    assert client.show("tiny:1m").details.parent_model == ""  # type: ignore[union-attr]
+    for name in ("ns-test/tiny:ctx", "ns-test/tiny:ctx2"):
+        assert http.request("DELETE", "/api/delete", json={"model": name}).status_code == 200
+    names = {m.model for m in client.list().models}
+    assert "tiny:1m" in names and not {"ns-test/tiny:ctx", "ns-test/tiny:ctx2"} & names
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({"model": "x:1"}, 400, "neither 'from' or 'files' was specified"),
+        ({"model": "bad name", "from": "tiny:1m"}, 400, "invalid model name"),
+        ({"model": "x:1", "from": "a/b/c/d"}, 400, "invalid model name"),
+        (
+            {"model": "x:1", "from": "ghost:1", "stream": False},
+            500,
+            "pull model manifest: file does not exist",
+        ),
+        (
+            {"model": "x:1", "from": "tiny:1m", "parameters": []},
+            400,
+            "json: cannot unmarshal array into Go struct field CreateRequest.parameters "
+            "of type map[string]interface {}",
+        ),
+    ],
+)
+def test_create_errors(
+    http: httpx.Client, body: dict[str, object], status: int, error: str
+) -> None:
+    """A create without `from`, with an invalid name or an unknown source fails as Ollama's."""
+    r = http.post("/api/create", json=body)
+    assert (r.status_code, r.json()) == (status, {"error": error})
+
+
 def test_unknown_model_pull_streams_error(client: ollama.Client) -> None:
     """Pulling a model outside the catalog fails with Ollama's manifest error."""
     with pytest.raises(ollama.ResponseError, match="file does not exist"):

@@ -152,6 +152,18 @@ def test_fail_load_and_fail_stream(tmp_path: Path, http: httpx.Client) -> None:
         assert "[DONE]" not in raw and raw.count("data: ") == 3
 
 
+def test_fail_create(tmp_path: Path, http: httpx.Client) -> None:
+    """fail_create=N: the Nth /api/create fails with a 500 and writes nothing; the next works."""
+    body = {"model": "c:1", "from": "a:1", "parameters": {"num_ctx": 2048}, "stream": False}
+    with faulty(tmp_path, "fail_create=1") as sim:
+        r = http.post(sim.url + "/api/create", json=body)
+        assert r.status_code == 500
+        assert r.json() == {"error": "simulated create failure (OLLAMA_SIM_FAULTS fail_create)"}
+        assert "c:1" not in {m["name"] for m in http.get(sim.url + "/api/tags").json()["models"]}
+        r = http.post(sim.url + "/api/create", json=body)
+        assert (r.status_code, r.json()) == (200, {"status": "success"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

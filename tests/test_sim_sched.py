@@ -45,6 +45,8 @@ PLAIN_MODELS = [
     catalog_model("par:1", tokens_per_second=0.5),
     *(catalog_model(f"q{i}:1", load_seconds=40) for i in (1, 2, 3)),
     catalog_model("share:1", load_seconds=30),
+    catalog_model("der:1"),
+    catalog_model("param:1", parameters="num_ctx 2048\nstop <x>"),
 ]
 SMALL_MODELS = [
     *(catalog_model(n, 100) for n in ("a:1", "b:1", "c:1", "d:1", "idle:1", "new:1")),
@@ -115,6 +117,14 @@ def wait_for(pred: Callable[[], object], timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
+def runner_starts(sim: SimProcess, model: str) -> int:
+    """Loads the simulator logged for `model` (under the name that loaded it)."""
+    return sum(
+        "llama runner started" in line and f"model={model}" in line
+        for line in sim.log().splitlines()
+    )
+
+
 def seconds_left(m: ollama.ProcessResponse.Model) -> float:
     assert m.expires_at is not None
     return (m.expires_at - dt.datetime.now(UTC)).total_seconds()
@@ -169,6 +179,59 @@ def test_two_names_of_one_model_share_one_runner(pc: ollama.Client) -> None:
     # Either name unloads the one runner.
     pc.generate(model="share-copy:1", prompt="", keep_alive=0)
     wait_for(lambda: not loaded(pc, "share:1"))
+
+
+def test_model_parameters_apply_to_requests(plain: SimProcess, pc: ollama.Client) -> None:
+    """A model's own PARAMETERs come between Ollama's defaults and a request's options
+    (server/routes.go modelOptions): num_ctx 2048 from the Modelfile loads a 2048 runner, which
+    /v1 requests (no options) share, and a request's own num_ctx overrides it (a reload)."""
+    load(pc, "param:1")
+    assert loaded(pc, "param:1")["param:1"].context_length == 2048
+    body = {"model": "param:1", "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(plain.url + "/v1/chat/completions", json=body).status_code == 200
+    assert runner_starts(plain, "param:1") == 1
+    pc.generate(model="param:1", prompt="x", options={"num_ctx": 4096})
+    assert loaded(pc, "param:1")["param:1"].context_length == 4096
+    assert runner_starts(plain, "param:1") == 2
+    pc.generate(model="param:1", prompt="", keep_alive=0)
+    wait_for(lambda: not loaded(pc, "param:1"))
+
+
+def test_created_model_shares_its_sources_runner(plain: SimProcess, pc: ollama.Client) -> None:
+    """A model created FROM another with runner options as parameters has the same model file,
+    so its requests (native or /v1, which carry no options) are served by the runner the source
+    was loaded into with those options, without a reload (server/sched.go keys runners by the
+    model's file, needsReload compares runner options); a /v1 request for the source itself
+    gets Ollama's default num_ctx and reloads it."""
+    derived = "llmd-derived/der:1-test"
+    pc.create(derived, from_="der:1", parameters={"num_ctx": 2048})
+    pc.generate(model="der:1", prompt="x", options={"num_ctx": 2048})
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    r = pc.generate(model=derived, prompt="x")
+    assert r.model == derived and (r.load_duration or 0) < 0.1e9
+    v1 = httpx.post(plain.url + "/v1/chat/completions", json={"model": derived, **chat})
+    assert v1.status_code == 200 and v1.json()["model"] == derived
+    emb = httpx.post(plain.url + "/api/embed", json={"model": derived, "input": "x"})
+    assert emb.status_code == 200
+    assert runner_starts(plain, "der:1") == 1
+    ps = loaded(pc, "der:1", derived)
+    assert list(ps) == ["der:1"] and ps["der:1"].context_length == 2048
+    # The source over /v1: Ollama's defaults (num_ctx 4096 here) reload it.
+    assert httpx.post(
+        plain.url + "/v1/chat/completions", json={"model": "der:1", **chat}
+    ).is_success
+    assert loaded(pc, "der:1")["der:1"].context_length == 4096
+    assert runner_starts(plain, "der:1") == 2
+    # A runner loaded under the created name is listed under it, with its parameters.
+    pc.generate(model="der:1", prompt="", keep_alive=0)
+    wait_for(lambda: not loaded(pc, "der:1"))
+    load(pc, derived)
+    ps = loaded(pc, "der:1", derived)
+    assert list(ps) == [derived] and ps[derived].context_length == 2048
+    assert ps[derived].digest != {m.model: m.digest for m in pc.list().models}["der:1"]
+    pc.generate(model="der:1", prompt="", keep_alive=0)  # either name unloads the one runner
+    wait_for(lambda: not loaded(pc, derived))
+    pc.delete(derived)
 
 
 def test_ps_shape_and_load_duration(pc: ollama.Client) -> None:

@@ -10,7 +10,7 @@ from simproc import SIM_DIR
 
 sys.path.insert(0, str(SIM_DIR))
 
-from simlib.catalog import ModelSpec
+from simlib.catalog import ModelSpec, parse_parameters, show_parameters
 from simlib.config import ConfigError, parse_faults, parse_host
 from simlib.durations import (
     parse_go_duration,
@@ -152,3 +152,24 @@ def test_placement_full_split_partial_cpu() -> None:
     assert place(est, -1, {0: 100 * MIB}).vram == 0
     cpu = place(est, 0, {0: 5000 * MIB})
     assert cpu.vram == 0 and cpu.slowdown == pytest.approx(10)
+
+
+@pytest.mark.parametrize(
+    ("text", "params", "shown"),
+    [
+        ("num_ctx 8192", {"num_ctx": 8192}, f"{'num_ctx':<30} 8192"),
+        (
+            'stop "<EOT>"\nstop <x>',
+            {"stop": ["<EOT>", "<x>"]},
+            f'{"stop":<30} "<EOT>"\n{"stop":<30} "<x>"',
+        ),
+        ("temperature 0.5\nuse_mmap false", {"temperature": 0.5, "use_mmap": False}, None),
+        ("", {}, ""),
+    ],
+)
+def test_catalog_parameters(text: str, params: dict[str, object], shown: str | None) -> None:
+    """Catalog `parameters` (Modelfile PARAMETER lines) become typed JSON values, shown by
+    /api/show as Go's `%-30s %#v` lines."""
+    assert parse_parameters(text) == params
+    if shown is not None:
+        assert show_parameters(params) == shown

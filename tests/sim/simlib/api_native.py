@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from . import VERSION, textgen
+from .catalog import show_parameters
 from .durations import go_time, parse_keep_alive_json
 from .httputil import (
     ApiError,
@@ -62,6 +63,7 @@ class NativeApi:
         self.settings = engine.settings
         self.store = engine.store
         self.sched = engine.sched
+        self.creates = 0
 
     def routes(self) -> list[web.RouteDef]:
         """The native routes."""
@@ -73,6 +75,7 @@ class NativeApi:
             web.post("/api/show", self.show),
             web.post("/api/pull", self.pull),
             web.post("/api/copy", self.copy),
+            web.post("/api/create", self.create),
             web.delete("/api/delete", self.delete),
             web.post("/api/generate", self.generate),
             web.post("/api/chat", self.chat),
@@ -133,10 +136,10 @@ class NativeApi:
         spec = m.spec
         return {
             "license": "",
-            "modelfile": spec.modelfile(m.display),
-            "parameters": spec.parameters,
+            "modelfile": spec.modelfile(m.display, m.parameters),
+            "parameters": show_parameters(m.parameters),
             "template": spec.template,
-            "details": spec.details(),
+            "details": {**spec.details(), "parent_model": m.parent},
             "model_info": spec.model_info(),
             "capabilities": spec.caps,
             "modified_at": go_time(m.modified_ns),
@@ -194,8 +197,66 @@ class NativeApi:
         m = self.store.get(src)
         if m is None:
             raise ApiError(404, f'model "{source}" not found')
-        self.store.write(dst, m.spec)
+        self.store.copy(m, dst)
         return web.Response(status=200)
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        """POST /api/create from an installed model (`from`), with `parameters` over its own:
+        a new manifest (and digest) over the same model blob (server/create.go CreateHandler).
+        Creating from files, adapters or with quantization is not simulated."""
+        gt = "api.CreateRequest"
+        body = await read_json(request, gt)
+        model = field(body, "model", (str,), gt, "string") or field(
+            body, "name", (str,), gt, "string"
+        )
+        name = parse_name(model or "")
+        if name is None:
+            raise ApiError(400, "invalid model name")
+        existing = self.store.get(name)
+        if existing is not None:
+            name = existing.name  # getExistingName: the installed name's case wins
+        source = field(body, "from", (str,), gt, "string") or ""
+        params = field(body, "parameters", (dict,), gt, "map[string]interface {}")
+        if not source:
+            raise ApiError(400, "neither 'from' or 'files' was specified")
+        src = parse_name(source)
+        if src is None:
+            raise ApiError(400, "invalid model name")
+        self.creates += 1
+        base = self.store.get(src)
+        if base is None and self.store.catalog_spec(src) is None:
+            # parseFromModel pulls a missing source first; the registry has no such model.
+            why = "pull model manifest: file does not exist"
+            if body.get("stream") is False:
+                return error_response(500, why)
+            out = NdjsonStream(request)
+            await out.start()
+            await out.send({"status": "pulling manifest"})
+            await out.send({"error": why})
+            return await out.finish()
+        if self.settings.faults.fail_create == self.creates:
+            # An error before any progress: streamResponse answers it as JSON with its status.
+            return error_response(500, "simulated create failure (OLLAMA_SIM_FAULTS fail_create)")
+        if base is None:
+            spec = self.store.catalog_spec(src)
+            assert spec is not None
+            self.store.write(src, spec)
+            base = self.store.get(src)
+            assert base is not None
+        merged = {**base.parameters, **(params or {})}
+        self.store.write(name, base.spec, merged, parent=base.display)
+        statuses = [f"using existing layer sha256:{base.spec.blob_digest}"]
+        created = self.store.get(name)
+        if created is not None and merged:
+            statuses.append(f"creating new layer sha256:{created.digest}")
+        statuses += ["writing manifest", "success"]
+        if body.get("stream") is False:
+            return json_response({"status": "success"})
+        out = NdjsonStream(request)
+        await out.start()
+        for status in statuses:
+            await out.send({"status": status})
+        return await out.finish()
 
     async def delete(self, request: web.Request) -> web.Response:
         """DELETE /api/delete: 200 with an empty body."""

@@ -24,6 +24,7 @@ class Faults:
     slow_start: float = 0.0
     fail_request: int = 0
     fail_load: int = 0
+    fail_create: int = 0
     stall_stream: int = -1
     fail_stream: int = -1
 
@@ -43,6 +44,7 @@ _INT_FAULTS = {
     "never_ready",
     "fail_request",
     "fail_load",
+    "fail_create",
     "stall_stream",
     "fail_stream",
 }

@@ -173,9 +173,11 @@ class Scheduler:
     # -- request side --------------------------------------------------------------------------
 
     def options_for(self, installed: Installed, options: dict[str, Any]) -> RunnerOpts:
-        """Validate a request's runner options."""
+        """A request's runner options, validated: the defaults, then the model's own parameters
+        (its Modelfile's PARAMETERs), then the request's (server/routes.go modelOptions)."""
         spec = installed.spec
-        return runner_opts(options, spec.context_length, self.settings.context_length)
+        merged = {**installed.parameters, **options}
+        return runner_opts(merged, spec.context_length, self.settings.context_length)
 
     async def acquire(
         self, installed: Installed, options: dict[str, Any], keep_alive: float | None

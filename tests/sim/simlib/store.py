@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import logs
 from .catalog import ModelSpec
@@ -77,6 +78,10 @@ class Installed:
     spec: ModelSpec
     digest: str
     modified_ns: int
+    # The params layer (Modelfile PARAMETERs): the catalog's, or what /api/create wrote.
+    parameters: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # The model layer's `from`: the model it was created from (details.parent_model).
+    parent: str = ""
 
     @property
     def display(self) -> str:
@@ -134,8 +139,37 @@ class Store:
                 continue
             self.write(name, spec)
 
-    def write(self, name: Name, spec: ModelSpec) -> None:
-        """Record `name` as installed (pull, copy); clears any recorded delete."""
+    def write(
+        self,
+        name: Name,
+        spec: ModelSpec,
+        parameters: dict[str, Any] | None = None,
+        parent: str = "",
+    ) -> None:
+        """Record `name` as installed (pull, copy, create); clears any recorded delete.
+
+        `parameters` (a create's, merged over its source's) go in a params layer of their own,
+        so that the manifest, and with it the digest, differs from the source's while the model
+        blob is the same one (server/create.go setParameters)."""
+        model_layer: dict[str, Any] = {
+            "mediaType": "application/vnd.ollama.image.model",
+            "digest": "sha256:" + spec.blob_digest,
+            "size": spec.size,
+        }
+        if parent:
+            model_layer["from"] = parent
+        layers = [model_layer]
+        sim: dict[str, Any] = {"catalog_name": spec.name}
+        if parameters is not None:
+            blob = json.dumps(parameters, separators=(",", ":")).encode()
+            layers.append(
+                {
+                    "mediaType": "application/vnd.ollama.image.params",
+                    "digest": "sha256:" + hashlib.sha256(blob).hexdigest(),
+                    "size": len(blob),
+                }
+            )
+            sim["parameters"] = parameters
         manifest = {
             "schemaVersion": 2,
             "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
@@ -145,18 +179,19 @@ class Store:
                 + hashlib.sha256(f"sim-config:{spec.name}".encode()).hexdigest(),
                 "size": 0,
             },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.ollama.image.model",
-                    "digest": "sha256:" + spec.blob_digest,
-                    "size": spec.size,
-                }
-            ],
-            "simulator": {"catalog_name": spec.name},
+            "layers": layers,
+            "simulator": sim,
         }
+        self._put(name, json.dumps(manifest, separators=(",", ":")).encode())
+
+    def copy(self, src: Installed, dst: Name) -> None:
+        """/api/copy: the source's manifest, byte for byte (so the digest is the same)."""
+        self._put(dst, self._path(src.name).read_bytes())
+
+    def _put(self, name: Name, manifest: bytes) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(manifest, separators=(",", ":")).encode())
+        _atomic_write(path, manifest)
         dead = self._read_tombstones()
         if name.display.lower() in dead:
             dead.discard(name.display.lower())
@@ -166,8 +201,11 @@ class Store:
         try:
             raw = path.read_bytes()
             st = path.stat()
-            catalog_name = json.loads(raw)["simulator"]["catalog_name"]
-        except (OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(raw)
+            catalog_name = doc["simulator"]["catalog_name"]
+            params = doc["simulator"].get("parameters")
+            parent = str(doc["layers"][0].get("from") or "")
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return None
         spec = self._spec_named(catalog_name)
         if spec is None:
@@ -175,7 +213,10 @@ class Store:
                 "images.go:1", "manifest names a model missing from the catalog", name=name.display
             )
             return None
-        return Installed(name, spec, hashlib.sha256(raw).hexdigest(), st.st_mtime_ns)
+        if not isinstance(params, dict):
+            params = spec.default_parameters
+        digest = hashlib.sha256(raw).hexdigest()
+        return Installed(name, spec, digest, st.st_mtime_ns, params, parent)
 
     def list(self) -> list[Installed]:
         """Every installed model, newest first."""
