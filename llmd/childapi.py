@@ -17,6 +17,9 @@ SHOW_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 600.0
 # Ollama answers an unload at once; a hung child must not stall keep-alive timers.
 UNLOAD_TIMEOUT_S = 30.0
+# A create from an installed model writes a manifest after reading the model file's header (a
+# request waits for it); one whose source went missing would pull it: the timeout ends that.
+CREATE_TIMEOUT_S = 60.0
 
 
 class ChildAPIError(Exception):
@@ -144,6 +147,29 @@ class ChildAPI:
         """Ask the child to unload a model; it does so asynchronously (see ps()). An error
         answer (not found, say) means there is nothing to unload."""
         await self._post("/api/generate", {"model": name, "keep_alive": 0}, UNLOAD_TIMEOUT_S)
+
+    async def create(self, name: str, source: str, parameters: dict[str, Any]) -> None:
+        """Create (or re-create) model `name` from installed model `source` with `parameters`
+        over its own: a new manifest over the source's files (server/create.go)."""
+        body = {"model": name, "from": source, "parameters": parameters, "stream": False}
+        status, doc = await self._post("/api/create", body, CREATE_TIMEOUT_S)
+        _check(status, doc, "create")
+
+    async def delete(self, name: str) -> None:
+        """Delete a model; one already gone is no error."""
+        try:
+            async with self._session.delete(
+                self.url + "/api/delete",
+                json={"model": name},
+                timeout=aiohttp.ClientTimeout(total=LIST_TIMEOUT_S),
+            ) as r:
+                if r.status not in (200, 404):
+                    raise ChildAPIError(
+                        f"delete failed with {r.status}: {await r.text()}", r.status
+                    )
+        except (aiohttp.ClientError, TimeoutError) as e:
+            why = f"{_why(e)} (DELETE /api/delete)"
+            raise ChildAPIError(why, timed_out=isinstance(e, TimeoutError)) from e
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET a JSON object from the child."""

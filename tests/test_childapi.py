@@ -173,3 +173,37 @@ async def test_show_and_version(served: tuple[ChildAPI, Stub]) -> None:
     assert await api.show("a:1b") == {"model_info": {"general.parameter_count": 1}}
     stub.answers["/api/show"] = (404, {"error": "not found"})
     assert await api.show("b:1b") == {}
+
+
+async def test_create_sends_source_and_parameters(served: tuple[ChildAPI, Stub]) -> None:
+    """create() posts one non-streamed /api/create from the source with the parameters; a
+    refusal raises with the child's status and words."""
+    api, stub = served
+    stub.answers["/api/create"] = (200, {"status": "success"})
+    await api.create("ns/a:1b-x", "a:1b", {"num_ctx": 8192})
+    assert stub.posted == [
+        (
+            "/api/create",
+            {
+                "model": "ns/a:1b-x",
+                "from": "a:1b",
+                "parameters": {"num_ctx": 8192},
+                "stream": False,
+            },
+        )
+    ]
+    stub.answers["/api/create"] = (500, {"error": "no space left on device"})
+    with pytest.raises(ChildAPIError) as e:
+        await api.create("ns/a:1b-x", "a:1b", {"num_ctx": 8192})
+    assert (e.value.status, e.value.message) == (500, "no space left on device")
+
+
+async def test_delete_tolerates_a_model_already_gone(served: tuple[ChildAPI, Stub]) -> None:
+    """delete() of a model the child does not have is no error; another failure is."""
+    api, stub = served
+    stub.answers["/api/delete"] = (404, {"error": "model 'x' not found"})
+    await api.delete("x")
+    stub.answers["/api/delete"] = (500, {"error": "disk"})
+    with pytest.raises(ChildAPIError) as e:
+        await api.delete("x")
+    assert e.value.status == 500
