@@ -16,6 +16,7 @@ import psutil
 
 from llmd.childapi import Pulled
 from llmd.config import BackendConfig, Config, diff_backends, normalize_model
+from llmd.derived import is_derived
 from llmd.process import CHILD_MARKER, Child, SpawnFn, State, default_spawn
 
 log = logging.getLogger("llmd.backends")
@@ -302,8 +303,7 @@ class Backends:
     def _record_tags(self, child: Child, res: list[Pulled] | BaseException) -> None:
         """One child's /api/tags answer, or why there was none."""
         if isinstance(res, list):
-            self._tags[child.name] = res
-            self._poke()
+            self.set_tags(child.name, res)
             if child.name in self._tags_failing:
                 self._tags_failing.discard(child.name)
                 log.info("backend %s: its models can be listed again", child.name)
@@ -312,8 +312,9 @@ class Backends:
             log.warning("backend %s: could not list its models: %s", child.name, _why(res))
 
     def set_tags(self, backend: str, models: list[Pulled]) -> None:
-        """Record what a backend's /api/tags just said."""
-        self._tags[backend] = models
+        """Record what a backend's /api/tags just said (but llmd's own derived models, which
+        are not the backend's to route to, list or load: see llmd/derived.py)."""
+        self._tags[backend] = [t for t in models if not is_derived(t.name)]
         self._poke()
 
     def tags(self, backend: str) -> list[Pulled]:

@@ -17,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from llmd import logs
 from llmd.answers import BAD_BODY, ProxyError, compact_json, unreadable
 from llmd.bodies import BodyHold
+from llmd.derived import Rewrite
 from llmd.lifecycle import Lease
 from llmd.process import Child
 from llmd.store import RequestRecord
@@ -80,7 +81,10 @@ class Forwarder:
         lease: Lease | None,
         t0: float,
         queued_s: float = 0.0,
+        rewrite: Rewrite | None = None,
     ) -> web.StreamResponse:
+        """Send the request to the child and stream its answer back (through `rewrite`, if
+        given: the length then changes, so the answer goes chunked)."""
         headers = _pass_headers(request.headers, PRIVATE_HEADERS)
         if isinstance(data, Upload):
             headers["Content-Type"] = "application/json"
@@ -101,7 +105,7 @@ class Forwarder:
                 resp = web.StreamResponse(status=up.status, reason=up.reason)
                 for k, v in _pass_headers(up.headers, frozenset()).items():
                     resp.headers.add(k, v)
-                if up.content_length is not None:
+                if up.content_length is not None and rewrite is None:
                     resp.content_length = up.content_length
                 resp.headers["X-Accel-Buffering"] = "no"
                 await resp.prepare(request)
@@ -118,7 +122,11 @@ class Forwarder:
                     if ttfb is None:
                         ttfb = time.time() - t0
                     tail = (tail + chunk)[-TAIL_BYTES:]
-                    await resp.write(chunk)
+                    out = chunk if rewrite is None else rewrite.feed(chunk)
+                    if out:
+                        await resp.write(out)
+                if rewrite is not None and (rest := rewrite.flush()):
+                    await resp.write(rest)
                 await resp.write_eof()
                 return resp
         except asyncio.CancelledError:

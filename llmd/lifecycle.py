@@ -19,6 +19,7 @@ from llmd import runneropts
 from llmd.backends import Backends, StartTask
 from llmd.childapi import ChildAPIError, Runner
 from llmd.config import Config, normalize_model
+from llmd.derived import Derived
 from llmd.memory import Memory
 from llmd.models import TRANSITIONS, History, KeepAlive, LoadError, Model, MState, NoRoom
 from llmd.process import Child
@@ -91,6 +92,8 @@ class Lifecycle:
         self._loads: set[asyncio.Task[None]] = set()
         self._watchers: list[Callable[[], None]] = []
         self._told: set[tuple[str, str]] = set()  # (model, what): said once in the log
+        # The models /v1 requests are sent to so as not to reload theirs (llmd/derived.py).
+        self.derived = Derived(start_task, backends.digest_of, clock)
 
     def watch(self, fn: Callable[[], None]) -> None:
         """Call fn (synchronously, without arguments) after any model's state, in-flight count
@@ -271,16 +274,26 @@ class Lifecycle:
 
         The configured `options` always win; else, while the model is resident, the runner
         options of its load do; `reload_on_options = true` leaves requests as Ollama takes them.
-        A /v1 request carries no options: Ollama serves it with its defaults (and reloads a
-        model loaded with others), so it is left alone and the loaded runner noted as default.
+        A /v1 request carries no options: it is sent to the derived model made for those
+        runner options by prepare_v1 (llmd/derived.py), or else, as Ollama serves it with its
+        defaults (and reloads a model loaded with others), left alone and the loaded runner
+        noted as default.
         """
         m = self._for_request(name, child)
         mc = self.cfg.model(m.name)
         options = body.get("options")
         asked = options if isinstance(options, dict) else None
         if not native:
+            at, loaded = self._v1_target(m, child)
+            derived = self.derived.ready(at.name, name, loaded) if loaded else None
+            if derived is not None:
+                # A model with the loaded runner options as parameters: served by the runner
+                # loaded (or about to be) for this one, where Ollama would reload it.
+                body["model"] = derived
+                return None
+            # Without one (its creation failed, or reload_on_options), Ollama reloads it.
             runner = m.runner_options if m.resident else (mc.options if mc else None)
-            if runner and dict(runner) != runneropts.ollama_defaults(child.cfg.env):
+            if runner and dict(runner) != runneropts.ollama_defaults(at.cfg.env):
                 self._tell_once(
                     m.name,
                     "v1",
@@ -322,6 +335,33 @@ class Lifecycle:
                 "configured" if mc and mc.options else "loaded",
             )
         return fitted.options
+
+    async def prepare_v1(self, name: str, child: Child) -> None:
+        """Make the derived model that fit_options would send a /v1 request to (once per
+        backend, base digest and runner options): the one wait between the request's turn
+        and fit_options, looked at again after it, since the model's state may change."""
+        while True:
+            at, fixed = self._v1_target(self._for_request(name, child), child)
+            if not fixed or self.derived.ready(at.name, name, fixed) is not None:
+                return
+            if not await self.derived.ensure(at, name, fixed):
+                return  # fit_options sends it as it came, as before
+
+    def _v1_target(self, m: Model, child: Child) -> tuple[Child, dict[str, int | bool] | None]:
+        """The child a /v1 request for the model goes to (the one it is loaded on, as in
+        _hold) and the runner options it must be served with so that it is not reloaded, as
+        for native requests: configured, else those it is resident with (None: send it as it
+        comes, also when reload_on_options leaves requests as Ollama takes them)."""
+        if m.state is not MState.UNLOADED:
+            current = self.backends.children.get(m.backend)
+            if current is not None and current.running:
+                child = current
+        mc = self.cfg.model(m.name)
+        if mc is not None and mc.options:
+            return child, dict(mc.options)
+        if not m.resident or (mc is not None and mc.reload_on_options):
+            return child, None
+        return child, dict(m.runner_options) if m.runner_options else None
 
     def _tell_once(self, model: str, what: str, msg: str, *args: object) -> None:
         if (model, what) not in self._told:
@@ -556,7 +596,7 @@ class Lifecycle:
 
     async def _refresh_sizes(self, child: Child, m: Model) -> None:
         try:
-            runners = await child.api.ps()
+            runners = await self.derived.runners(child)
         except ChildAPIError:
             return
         for r in runners:
@@ -642,7 +682,7 @@ class Lifecycle:
         deadline = time.monotonic() + UNLOAD_CONFIRM_S
         delay = 0.02
         while time.monotonic() < deadline:
-            if not any(_is_runner_of(r, m) for r in await child.api.ps()):
+            if not any(_is_runner_of(r, m) for r in await self.derived.runners(child)):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
@@ -783,7 +823,7 @@ class Lifecycle:
                 continue
             started = self._clock()
             try:
-                runners = await child.api.ps()
+                runners = await self.derived.runners(child)
             except ChildAPIError:
                 continue
             listed = {r.name: r for r in runners if r.name}

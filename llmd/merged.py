@@ -12,6 +12,7 @@ from aiohttp import web
 from llmd.answers import format_time, json_response, no_backend, parse_time
 from llmd.backends import Backends
 from llmd.childapi import ChildAPIError, Pulled
+from llmd.derived import visible
 from llmd.lifecycle import Lifecycle
 from llmd.models import MState
 from llmd.process import RETRY_AFTER_S, Child
@@ -116,7 +117,7 @@ class Merged:
         for child, doc in answers:
             listed = [e for e in doc.get("models") or [] if isinstance(e, dict)]
             self.backends.set_tags(child.name, [Pulled.from_json(e) for e in listed])
-            for m in doc.get("models") or []:
+            for m in visible(doc.get("models") or [], "name"):  # llmd's own are hidden
                 merged.setdefault(m.get("name"), m)
         models = sorted(merged.values(), key=lambda m: str(m.get("modified_at", "")), reverse=True)
         return json_response({"models": models}, headers=self._partial(missing))
@@ -125,7 +126,8 @@ class Merged:
         entries = []
         answers, missing = await self._gather("/api/ps")
         for child, doc in answers:
-            for e in doc.get("models") or []:
+            listed = [e for e in doc.get("models") or [] if isinstance(e, dict)]
+            for e in await self.lifecycle.derived.as_base(child, listed):
                 m = self.lifecycle.record_on(str(e.get("name", "")), child.name)
                 if m is not None:
                     e = {**e, "expires_at": self._expires_at(m, e.get("expires_at"))}
@@ -145,7 +147,7 @@ class Merged:
         merged: dict[str, dict[str, Any]] = {}
         answers, missing = await self._gather("/v1/models")
         for _, doc in answers:
-            for m in doc.get("data") or []:
+            for m in visible(doc.get("data") or [], "id"):
                 merged.setdefault(m.get("id"), m)
         # Ollama answers "data": null rather than [] when there are no models (openai/openai.go).
         return json_response(

@@ -34,6 +34,7 @@ from llmd.bodies import (
     parse_json,
 )
 from llmd.config import Config, normalize_model
+from llmd.derived import Rewrite
 from llmd.forward import CLIENT_CLOSED, Forwarder, RecordFn, Upload, client_gone
 from llmd.lifecycle import Lifecycle
 from llmd.merged import Merged
@@ -404,15 +405,24 @@ class Proxy:
         try:
             async with self.scheduler.turn(name, children) as child:
                 queued_s = time.time() - t0
+                if not native:
+                    await self.lifecycle.prepare_v1(name, child)  # see llmd/derived.py
                 # The model's state as the request's turn comes decides its runner options
                 # (no await from here to the lease, which may start a load with them).
+                sent = body.get("model")
                 options = self.lifecycle.fit_options(name, child, body, native=native)
+                # A /v1 request sent to a derived model: the answer names the model as sent.
+                to = body.get("model")
+                rewrite = Rewrite(to, str(sent)) if isinstance(to, str) and to != sent else None
                 # Made before a load, so that the parsed body is freed while the load runs.
                 data = Upload(self._dump(body), self._holds.get(_task()))
                 async with self.lifecycle.lease(name, child, options) as lease:
-                    return await self._forwarder.forward(
-                        request, lease.child, data, lease, t0, queued_s
+                    resp = await self._forwarder.forward(
+                        request, lease.child, data, lease, t0, queued_s=queued_s, rewrite=rewrite
                     )
+                    if rewrite is not None and resp.status == 404 and isinstance(to, str):
+                        self.lifecycle.derived.forget(lease.child.name, to)  # removed there
+                    return resp
         except Rejected as e:
             self._forwarder.record(name, request.path, e.status, t0, None, False, None, b"")
             raise ProxyError(e.status, e.message, {"Retry-After": str(e.retry_after_s)}) from None
@@ -480,7 +490,11 @@ class Proxy:
         child = await self._serving(request, child)
         try:
             data = Upload(self._dump(body), self._holds.get(_task()))
-            return await self._forwarder.forward(request, child, data, None, time.time())
+            resp = await self._forwarder.forward(request, child, data, None, time.time())
+            if request.path == "/api/delete" and resp.status == 200 and isinstance(raw, str):
+                # llmd's derived models of it would keep its file on disk (llmd/derived.py).
+                self.lifecycle.derived.drop_base(child, self.resolve(raw))
+            return resp
         finally:
             if request.path in ("/api/pull", "/api/delete", "/api/copy", "/api/create"):
                 await self.backends.refresh_tags()

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from llmdproc import Factory, Llmd, scrape, series, wait_for
+from llmdproc import Factory, Llmd, scrape, series
 
 TINY = "tiny:1m"  # trained context 8192
 EMBED = "tiny-embed:1m"  # trained context 512
@@ -112,25 +112,10 @@ def test_reload_on_options_reloads_as_ollama_does(daemon: Factory) -> None:
     assert d.model(TINY)["options_overridden"] == 0
 
 
-def test_v1_requests_get_ollamas_default_runner_options(daemon: Factory) -> None:
-    """/v1 requests cannot carry runner options: llmd's own load of a model configured with
-    `options` uses them, but Ollama serves a /v1 request with its defaults (num_ctx 4096 here)
-    and reloads the model for it; /v1 alone then keeps the default runner."""
-    d = daemon(models=[{"name": TINY, "options": {"num_ctx": 2048}}]).start()
-    chat = {"model": TINY, "messages": [{"role": "user", "content": "hi"}]}
-    assert d.llmctl("load", TINY).returncode == 0
-    assert child_ctx(d, TINY) == 2048
-    for _ in range(2):
-        status, doc = post(d, "/v1/chat/completions", chat)
-        assert status == 200, doc
-    assert child_ctx(d, TINY) == 4096
-    assert runner_starts(d, TINY) == 2
-    wait_for(lambda: "/v1 requests cannot carry runner options" in d.logs(), what="the notice")
-
-
 def test_v1_is_served_without_reload_when_the_backend_default_matches(daemon: Factory) -> None:
-    """The documented remedy for /v1: a backend whose OLLAMA_CONTEXT_LENGTH equals the model's
-    configured num_ctx serves /v1 requests (and native ones) with the one load llmd made."""
+    """A backend whose OLLAMA_CONTEXT_LENGTH equals the model's configured num_ctx (the remedy
+    for /v1 before derived models) serves /v1 requests and native ones with the one load llmd
+    made. (/v1 without it: tests/test_derived_e2e.py.)"""
     d = daemon(
         models=[{"name": TINY, "options": {"num_ctx": 2048}}],
         backend_extra=[{"env": {"OLLAMA_CONTEXT_LENGTH": "2048"}}],
