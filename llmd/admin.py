@@ -98,6 +98,7 @@ class Admin:
         feed: Feed,
         control: Control,
         latency: LatencyWatch | None = None,
+        counters: metrics.Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.backends = backends
@@ -110,6 +111,7 @@ class Admin:
         self._feed = feed
         self._control = control
         self._latency = latency
+        self._counters = counters  # the /metrics counters: tokens generated per model
 
     def configure(self, cfg: Config) -> None:
         """Take a reloaded config."""
@@ -436,6 +438,10 @@ class Admin:
                         else None
                     ),
                     "in_flight": m.in_flight if m else 0,
+                    # Generated since llmd started, over every copy (top turns it into a rate).
+                    "eval_tokens": (
+                        self._counters.tokens[(name, "eval")] if self._counters else None
+                    ),
                     "replica": bool(mc and mc.replicated),
                     **self._queue(name, backend),
                     "size": m.size if m else 0,

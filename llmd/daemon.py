@@ -234,6 +234,7 @@ class Daemon:
             feed=self.feed,
             control=self,
             latency=self.latency,
+            counters=self.metrics,
         )
         admin_runner = web.AppRunner(self.admin.app(), access_log=None)
         await admin_runner.setup()

@@ -2,7 +2,8 @@
 
 Per GPU a bar of used memory (llmd's models, other programs, free); the backends; per model its
 state, backend, requests running of its limit and queued, GPU memory, keep-alive left and its
-basis, its latency against its quiet baseline (flagged when contended) and its last event.
+basis, tokens generated per second, its latency against its quiet baseline (flagged when
+contended) and its last event.
 Keys: q quits, s changes the sort, up/down select a model, p pins or unpins the selected one
 (after y to confirm). When stdout is not a terminal (or with --once) it
 prints one plain frame and exits. Drawn with rich (python3-rich in Debian); keys are read from
@@ -51,6 +52,23 @@ class View:
     asking: str | None = None  # the model a pin/unpin waits for y on
     note: str = ""  # the last action's outcome
     updated: float = 0.0
+    # Tokens generated per model: the last reading (time, count), and the rate between the
+    # last two readings.
+    tokens: dict[str, tuple[float, int]] = field(default_factory=dict)
+    rates: dict[str, float] = field(default_factory=dict)
+
+    def count_tokens(self, now: float) -> None:
+        """Turn each model's token count into tokens per second since the last reading."""
+        if self.status is None:
+            return
+        for m in self.status["models"]:
+            n = m.get("eval_tokens")
+            if n is None:
+                continue
+            last = self.tokens.get(m["name"])
+            if last is not None and now > last[0] and n >= last[1]:
+                self.rates[m["name"]] = (n - last[1]) / (now - last[0])
+            self.tokens[m["name"]] = (now, n)
 
     def models(self) -> list[dict[str, Any]]:
         if self.status is None:
@@ -194,6 +212,7 @@ def frame(v: View, now: float | None = None, interactive: bool = True) -> Render
         "VRAM",
         "KEEP-ALIVE",
         "UNLOAD IN",
+        "TOK/S",
         "P99/BASE",
         "LAST EVENT",
     ):
@@ -224,6 +243,7 @@ def frame(v: View, now: float | None = None, interactive: bool = True) -> Render
             _gib(m["size_vram"]),
             _keep_alive(m),
             _left(m.get("expires_in_s")),
+            f"{v.rates[m['name']]:.0f}" if m["name"] in v.rates else "-",
             _latency(m),
             event,
             style="reverse" if mine else None,
@@ -248,6 +268,7 @@ async def refresh(c: AdminClient, v: View) -> None:
         v.error = str(e)
         return
     v.status, v.events, v.error, v.updated = status, events["events"], None, time.time()
+    v.count_tokens(time.monotonic())
 
 
 async def key(c: AdminClient, v: View, k: str) -> bool:

@@ -131,3 +131,28 @@ def test_top_without_a_terminal_prints_one_plain_frame(daemon: Factory) -> None:
     d.stop()
     r = d.llmctl("top", "--once")
     assert r.returncode == 3 and "cannot reach llmd" in r.stderr
+
+
+def test_tokens_per_second_come_from_successive_counts(daemon: Factory) -> None:
+    d = daemon().start()
+    before = json.loads(d.llmctl("models", "--json").stdout)["models"]
+    assert next(m for m in before if m["name"] == TINY)["eval_tokens"] == 0
+    status, _, body, _ = call(
+        d.url + "/api/generate",
+        {"model": TINY, "prompt": "hi", "stream": False, "options": {"num_predict": 7}},
+    )
+    assert status == 200, body
+    after = json.loads(d.llmctl("models", "--json").stdout)["models"]
+    assert next(m for m in after if m["name"] == TINY)["eval_tokens"] == body["eval_count"]
+
+    from llmd.top import View
+
+    v = View(status={"models": [{"name": "a", "eval_tokens": 100}]})
+    v.count_tokens(10.0)
+    assert v.rates == {}  # one reading: no rate yet
+    v.status = {"models": [{"name": "a", "eval_tokens": 160}]}
+    v.count_tokens(12.0)
+    assert v.rates == {"a": 30.0}
+    v.status = {"models": [{"name": "a", "eval_tokens": 5}]}  # llmd restarted: counts reset
+    v.count_tokens(13.0)
+    assert v.rates == {"a": 30.0}
