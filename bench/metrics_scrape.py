@@ -42,7 +42,17 @@ from llmd import metrics as M  # noqa: E402
 from llmd.store import RequestRecord  # noqa: E402
 
 # Families the library-based exposition has that the old renderer did not.
-NEW_FAMILIES = {"llmd_queue_max", "llmd_store_degraded"}
+NEW_FAMILIES = {
+    "llmd_queue_max",
+    "llmd_store_degraded",
+    # Added after the hand-written renderer: contention detection and GPU telemetry.
+    "llmd_model_contended",
+    "llmd_model_baseline_seconds",
+    "llmd_gpu_utilization_percent",
+    "llmd_gpu_temperature_celsius",
+    "llmd_gpu_power_watts",
+    "llmd_gpu_power_limit_watts",
+}
 BUDGET_MS = 10.0
 
 # -- the old renderer, as llmd/metrics.py had it before prometheus_client (for comparison) ------
@@ -299,7 +309,10 @@ def build(models: int, backends: int, seed: int = 1) -> tuple[M.Metrics, M.Snaps
     snap = M.Snapshot(
         models=sorted(records, key=lambda m: m.name),
         backends=[M.BackendGauges(f"b{b}", b != 3, b) for b in range(backends)],
-        gpus=[M.GpuGauges(b, rng.randint(0, 24 * 2**30), 24564 * 2**20) for b in range(backends)],
+        gpus=[
+            M.GpuGauges(b, rng.randint(0, 24 * 2**30), 24564 * 2**20, 87.0, 61.0, 312.5, 450.0)
+            for b in range(backends)
+        ],
         queues=queues,
         queue_waits=waits,
         batches=batches,

@@ -485,7 +485,15 @@ class Admin:
                 for c in self.backends.children.values()
             ],
             gpus=[
-                metrics.GpuGauges(d.index, d.used_bytes, d.total_bytes)
+                metrics.GpuGauges(
+                    d.index,
+                    d.used_bytes,
+                    d.total_bytes,
+                    d.util_pct,
+                    d.temp_c,
+                    d.power_w,
+                    d.power_limit_w,
+                )
                 for d in (snap.devices if snap is not None else [])
             ],
             queues=[

@@ -39,6 +39,12 @@ class Device:
     total_bytes: int
     used_bytes: int
     uuid: str | None = None
+    # Telemetry, where the probe can read it (None: not known): % of time a kernel ran over
+    # the driver's last sample period, degrees Celsius, watts drawn, enforced power limit.
+    util_pct: float | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
 
     @property
     def free_bytes(self) -> int:
@@ -57,6 +63,10 @@ class Device:
             "total_mib": _mib(self.total_bytes),
             "used_mib": _mib(self.used_bytes),
             "free_mib": _mib(self.free_bytes),
+            "util_pct": self.util_pct,
+            "temp_c": self.temp_c,
+            "power_w": self.power_w,
+            "power_limit_w": self.power_limit_w,
         }
 
 
@@ -247,7 +257,9 @@ class NvmlProbe(_BaseProbe):
                 uuid = None
             mem = nv.nvmlDeviceGetMemoryInfo(handle)
             name = _text(nv.nvmlDeviceGetName(handle))
-            devices.append(Device(i, name, int(mem.total), int(mem.used), uuid))
+            d = Device(i, name, int(mem.total), int(mem.used), uuid)
+            _nvml_telemetry(nv, handle, d)
+            devices.append(d)
             try:
                 running = nv.nvmlDeviceGetComputeRunningProcesses(handle)
             except nv.NVMLError:
@@ -268,12 +280,31 @@ class NvmlProbe(_BaseProbe):
                     log.debug("nvmlShutdown failed: %s", e)
 
 
+def _nvml_telemetry(nv: Any, handle: Any, d: Device) -> None:
+    """A device's utilisation, temperature and power; each may be unsupported (some GPUs,
+    vGPUs, containers) and is then left None: memory is what matters."""
+
+    def read(fn: Callable[[], Any]) -> float | None:
+        try:
+            return float(fn())
+        except (nv.NVMLError, TypeError, ValueError, AttributeError):
+            return None
+
+    d.util_pct = read(lambda: nv.nvmlDeviceGetUtilizationRates(handle).gpu)
+    die = getattr(nv, "NVML_TEMPERATURE_GPU", 0)
+    d.temp_c = read(lambda: nv.nvmlDeviceGetTemperature(handle, die))
+    d.power_w = read(lambda: nv.nvmlDeviceGetPowerUsage(handle) / 1000)  # milliwatts
+    d.power_limit_w = read(lambda: nv.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000)
+
+
 # --- nvidia-smi -------------------------------------------------------------------------------
 
 SMI_GPU_QUERY = (
-    "--query-gpu=index,name,memory.used,memory.total,memory.free",
+    "--query-gpu=index,name,memory.used,memory.total,memory.free,"
+    "utilization.gpu,temperature.gpu,power.draw,power.limit",
     "--format=csv,noheader,nounits",
 )
+SMI_TELEMETRY = ("utilization.gpu", "temperature.gpu", "power.draw", "power.limit")
 SMI_APPS_QUERY = ("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
 
 
@@ -332,7 +363,9 @@ def _smi_mib(raw: str, what: str, line: str) -> int | None:
 
 
 def parse_smi_gpus(text: str) -> list[Device]:
-    """Parse `--query-gpu=index,name,memory.used,memory.total,memory.free` CSV (MiB, no header)."""
+    """Parse SMI_GPU_QUERY's CSV (MiB, no header, no units): index, name, memory used, total
+    and free, then utilisation %, temperature, power draw and limit, each possibly "[N/A]".
+    A line of fewer than nine fields is read as the first five (memory only)."""
     devices = []
     for line in text.splitlines():
         if not line.strip():
@@ -340,6 +373,9 @@ def parse_smi_gpus(text: str) -> list[Device]:
         fields = line.split(",")
         if len(fields) < 5:
             raise ValueError(f"nvidia-smi: expected 5 fields, got {line.strip()!r}")
+        extra = len(SMI_TELEMETRY) if len(fields) >= 5 + len(SMI_TELEMETRY) else 0
+        tele = fields[len(fields) - extra :]
+        fields = fields[: len(fields) - extra]
         # A name containing a comma would shift the fields, so read index first and memory last.
         index_s, name, (used_s, total_s, free_s) = fields[0], ",".join(fields[1:-3]), fields[-3:]
         try:
@@ -355,8 +391,22 @@ def parse_smi_gpus(text: str) -> list[Device]:
             raise ValueError(
                 f"nvidia-smi: GPU {index} does not report its memory: {line.strip()!r}"
             )
-        devices.append(Device(index, name.strip(), total, used, None))
+        d = Device(index, name.strip(), total, used, None)
+        if tele:
+            d.util_pct, d.temp_c, d.power_w, d.power_limit_w = (_smi_float(v) for v in tele)
+        devices.append(d)
     return devices
+
+
+def _smi_float(raw: str) -> float | None:
+    """A telemetry field: a number, or None for "[N/A]", "[Not Supported]" and the like."""
+    v = _smi_value(raw)
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
 
 
 def parse_smi_apps(text: str) -> list[ProcessUsage]:

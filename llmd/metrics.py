@@ -60,11 +60,15 @@ class BackendGauges:
 
 @dataclass(frozen=True)
 class GpuGauges:
-    """One GPU's memory."""
+    """One GPU's memory, and its telemetry where the probe reads it (None: not known)."""
 
     index: int
     used_bytes: int
     total_bytes: int
+    util_pct: float | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,16 @@ def _counter(
     for values, value in rows:
         family.add_metric(list(values), value)
     return family
+
+
+def _known(gpus: Iterable[GpuGauges], attr: str) -> list[tuple[tuple[str], float]]:
+    """One telemetry reading per GPU that has it (rows for _gauge)."""
+    rows = []
+    for g in gpus:
+        v = getattr(g, attr)
+        if v is not None:
+            rows.append(((str(g.index),), float(v)))
+    return rows
 
 
 def _gauge(
@@ -292,6 +306,21 @@ class LlmdCollector(Collector):
             ("gpu",),
             (((str(g.index),), g.total_bytes) for g in snap.gpus),
         )
+        for name, help, attr in (
+            (
+                "llmd_gpu_utilization_percent",
+                "GPU busy time over the driver's last sample.",
+                "util_pct",
+            ),
+            ("llmd_gpu_temperature_celsius", "GPU die temperature.", "temp_c"),
+            ("llmd_gpu_power_watts", "GPU power draw.", "power_w"),
+            ("llmd_gpu_power_limit_watts", "GPU enforced power limit.", "power_limit_w"),
+        ):
+            # Only GPUs whose probe reads it (nvml or nvidia-smi): no series rather than a guess,
+            # and no family when no GPU has it.
+            rows = _known(snap.gpus, attr)
+            if rows:
+                yield _gauge(name, help, ("gpu",), rows)
         yield _gauge(
             "llmd_store_degraded",
             "1 while llmd's state store cannot save to disk (llmd serves from memory).",

@@ -131,6 +131,20 @@ def _latency(m: dict[str, Any]) -> Text:
     return Text(text, style="yellow" if ratio > 1.5 else "")
 
 
+def _telemetry(d: dict[str, Any]) -> Text:
+    """'  87% 61°C 312/450 W' from what the probe reads (nothing for what it cannot)."""
+    parts = []
+    if d.get("util_pct") is not None:
+        parts.append(f"{d['util_pct']:.0f}%")
+    if d.get("temp_c") is not None:
+        parts.append(f"{d['temp_c']:.0f}°C")
+    if d.get("power_w") is not None:
+        limit = f"/{d['power_limit_w']:.0f}" if d.get("power_limit_w") is not None else ""
+        parts.append(f"{d['power_w']:.0f}{limit} W")
+    hot = (d.get("temp_c") or 0) >= 85
+    return Text(("  " + " ".join(parts)) if parts else "", style="bold red" if hot else "")
+
+
 def gpu_bars(status: dict[str, Any]) -> list[Text]:
     """One line per GPU: a bar of llmd's models (cyan), other programs (magenta) and free."""
     gpu = status.get("gpu") or {}
@@ -155,6 +169,7 @@ def gpu_bars(status: dict[str, Any]) -> list[Text]:
         line = Text(f"GPU {d['index']} {d.get('name', ''):<24} ")
         line.append_text(bar)
         line.append(f" {_gib0(used)} / {_gib0(total)}  llmd {_gib0(ours)}  other {_gib0(other)}")
+        line.append(_telemetry(d))
         lines.append(line)
     if not devices:
         why = gpu.get("error") or "none seen"

@@ -62,6 +62,14 @@ SIM_SMI = Path(__file__).parent / "sim" / "nvidia-smi"
             [Device(0, "Weird, GPU", 1000 * MiB, 10 * MiB)],
         ),
         ("0, GPU, 1.5, 2, 0.5\n", [Device(0, "GPU", 2 * MiB, MiB + MiB // 2)]),
+        (  # with the telemetry SMI_GPU_QUERY asks for
+            "0, NVIDIA H100, 1234, 81559, 80325, 87, 61, 412.34, 700.00\n",
+            [Device(0, "NVIDIA H100", 81559 * MiB, 1234 * MiB, None, 87, 61, 412.34, 700)],
+        ),
+        (  # telemetry a GPU does not report, and a name with commas
+            "1, A, B, C, 10, 1000, 990, [N/A], 45, [Not Supported], [N/A]\n",
+            [Device(1, "A, B, C", 1000 * MiB, 10 * MiB, None, None, 45, None, None)],
+        ),
         ("", []),
         ("\n  \n", []),
     ],
@@ -248,7 +256,10 @@ async def test_sim_nvidia_smi_stand_in(tmp_path: Path, monkeypatch: pytest.Monke
     command = [str(SIM_SMI)] if os.access(SIM_SMI, os.X_OK) else [sys.executable, str(SIM_SMI)]
     snap = await NvidiaSmiProbe(command, timeout_s=30).read()
     assert snap.error is None, snap.error
-    assert snap.devices[0] == Device(0, "NVIDIA GeForce RTX 4090", 24564 * MiB, 1234 * MiB)
+    # Idle (no runner computing): 0%, 35 C, the idle draw, the board's limit.
+    assert snap.devices[0] == Device(
+        0, "NVIDIA GeForce RTX 4090", 24564 * MiB, 1234 * MiB, None, 0, 35, 30, 450
+    )
     assert ProcessUsage(os.getpid(), None, 1000 * MiB) in snap.processes
 
 
@@ -297,6 +308,24 @@ class FakeNvml:
             raise FakeNVMLError(h["mem_error"])
         return SimpleNamespace(total=h["total"], used=h["used"], free=h["total"] - h["used"])
 
+    def _scripted(self, h: dict[str, Any], key: str) -> Any:
+        if key not in h:
+            raise FakeNVMLError("Not Supported")
+        return h[key]
+
+    def nvmlDeviceGetUtilizationRates(self, h: dict[str, Any]) -> Any:
+        return SimpleNamespace(gpu=self._scripted(h, "util"), memory=0)
+
+    def nvmlDeviceGetTemperature(self, h: dict[str, Any], sensor: int) -> Any:
+        assert sensor == 0  # NVML_TEMPERATURE_GPU
+        return self._scripted(h, "temp")
+
+    def nvmlDeviceGetPowerUsage(self, h: dict[str, Any]) -> Any:
+        return self._scripted(h, "power_mw")
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h: dict[str, Any]) -> Any:
+        return self._scripted(h, "limit_mw")
+
     def nvmlDeviceGetComputeRunningProcesses(self, h: dict[str, Any]) -> list[Any]:
         if h.get("procs") is None:
             raise FakeNVMLError("Not Supported")
@@ -311,7 +340,12 @@ def _nvml_devices() -> list[dict[str, Any]]:
             "total": 80 * GiB,
             "used": 3 * GiB,
             "procs": [(100, 2 * GiB), (101, None)],
+            "util": 87,
+            "temp": 61,
+            "power_mw": 412_345,
+            "limit_mw": 700_000,
         },
+        # A GPU (or vGPU) that reports none of the telemetry.
         {"name": "Tesla T4", "uuid": None, "total": 16 * GiB, "used": 0, "procs": None},
     ]
 
@@ -323,7 +357,7 @@ async def test_nvml_probe_reads_devices_and_processes() -> None:
     snap = await probe.read()
     assert snap.error is None and snap.probe == "nvml"
     assert snap.devices == [
-        Device(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 3 * GiB, "GPU-aaaa"),
+        Device(0, "NVIDIA H100 80GB HBM3", 80 * GiB, 3 * GiB, "GPU-aaaa", 87, 61, 412.345, 700),
         Device(1, "Tesla T4", 16 * GiB, 0, None),
     ]
     assert snap.processes == [ProcessUsage(100, 0, 2 * GiB), ProcessUsage(101, 0, None)]
@@ -517,6 +551,10 @@ def test_snapshot_to_dict() -> None:
         "total_mib": 24564,
         "used_mib": 1234,
         "free_mib": 23330,
+        "util_pct": None,
+        "temp_c": None,
+        "power_w": None,
+        "power_limit_w": None,
     }
     assert d["processes"][1] == {
         "pid": 2,

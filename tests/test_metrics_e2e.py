@@ -46,6 +46,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmd_swap_batch_requests": ("histogram", ("model",)),
     "llmd_gpu_memory_used_bytes": ("gauge", ("gpu",)),
     "llmd_gpu_memory_total_bytes": ("gauge", ("gpu",)),
+    # GPU telemetry: the simulator's nvidia-smi reports it (a GPU whose probe cannot has none).
+    "llmd_gpu_utilization_percent": ("gauge", ("gpu",)),
+    "llmd_gpu_temperature_celsius": ("gauge", ("gpu",)),
+    "llmd_gpu_power_watts": ("gauge", ("gpu",)),
+    "llmd_gpu_power_limit_watts": ("gauge", ("gpu",)),
     "llmd_store_degraded": ("gauge", ()),  # new
 }
 
@@ -81,7 +86,11 @@ def expected(per_model: dict[str, int]) -> tuple[dict[str, float], set[str]]:
     present = {
         series("llmd_gpu_memory_used_bytes", gpu="0"),
         series("llmd_gpu_memory_total_bytes", gpu="0"),
+        series("llmd_gpu_utilization_percent", gpu="0"),
+        series("llmd_gpu_temperature_celsius", gpu="0"),
+        series("llmd_gpu_power_watts", gpu="0"),
     }
+    values[series("llmd_gpu_power_limit_watts", gpu="0")] = 450
     for m, n in per_model.items():
         values |= {
             series("llmd_cold_starts_total", model=m): 1,

@@ -41,6 +41,7 @@ class Device:
     total_mib: int
     external_mib: int
     uuid: str
+    power_limit_w: int = 450
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Allocation:
     bytes: int
     model: str
     runner: str
+    # Wall-clock time until which the runner counts as computing (utilisation, power).
+    busy_until: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """As stored in the state file."""
@@ -65,6 +68,7 @@ class Allocation:
             "bytes": self.bytes,
             "model": self.model,
             "runner": self.runner,
+            "busy_until": self.busy_until,
         }
 
 
@@ -115,9 +119,11 @@ def _device_from_json(i: int, d: Any) -> Device:
         name = str(d.get("name", DEFAULT_NAME))
         total = int(d["total_mib"])
         external = int(d.get("external_mib", 0))
+        power_limit = int(d.get("power_limit_w", 450))
     except (KeyError, TypeError, ValueError) as e:
         raise GpuFileError(f"devices[{i}]: needs integer total_mib ({e})") from None
-    return Device(index, name, total, external, str(d.get("uuid") or stable_uuid(name, index)))
+    uuid = str(d.get("uuid") or stable_uuid(name, index))
+    return Device(index, name, total, external, uuid, power_limit)
 
 
 def parse_state(data: Any) -> tuple[list[Device], list[Allocation]]:
@@ -137,6 +143,7 @@ def parse_state(data: Any) -> tuple[list[Device], list[Allocation]]:
                     int(a.get("bytes", int(a["mib"]) * MIB)),
                     str(a.get("model", "")),
                     str(a.get("runner", "")),
+                    float(a.get("busy_until", 0.0)),
                 )
             )
         except (KeyError, TypeError, ValueError):
@@ -258,6 +265,18 @@ def free_bytes(devices: list[Device], allocs: list[Allocation]) -> dict[int, int
         d.index: max(0, (d.total_mib - d.external_mib - used.get(d.index, 0)) * MIB)
         for d in devices
     }
+
+
+def busy_runners(device: Device, allocs: list[Allocation], now: float) -> int:
+    """Runners with memory on the device that are computing now."""
+    busy = {(a.pid, a.runner) for a in allocs if a.device == device.index and a.busy_until > now}
+    return len(busy)
+
+
+def utilization(device: Device, allocs: list[Allocation], now: float) -> int:
+    """GPU utilisation in %: idle 0, one computing runner 80, each more +10, at most 100."""
+    k = busy_runners(device, allocs, now)
+    return 0 if k == 0 else min(100, 70 + 10 * k)
 
 
 def used_mib(device: Device, allocs: list[Allocation]) -> int:

@@ -38,6 +38,7 @@ class Session:
     ) -> None:
         """Wait for a parallel slot, 'evaluate' the prompt, then emit tokens at the model's pace."""
         async with self.runner.slots:
+            self.sched.note_busy(self.runner)
             t0 = time.monotonic()
             await asyncio.sleep(prompt_count * self._per_token_s() / PROMPT_SPEEDUP)
             t1 = time.monotonic()
@@ -47,12 +48,14 @@ class Session:
             for tok in tokens:
                 deadline += step
                 await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                self.sched.note_busy(self.runner)  # cheap: it writes at most twice a second
                 await emit(tok)
             self.eval_s = time.monotonic() - t1
 
     async def embed_delay(self, prompt_count: int) -> None:
         """Time to embed prompt_count tokens (prompt-speed), holding a slot."""
         async with self.runner.slots:
+            self.sched.note_busy(self.runner)
             t0 = time.monotonic()
             await asyncio.sleep(prompt_count * self._per_token_s() / PROMPT_SPEEDUP)
             self.prompt_eval_s = time.monotonic() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import math
 import os
 import sys
@@ -27,6 +28,8 @@ from .memory import (
 from .store import Installed
 
 # server/sched.go ErrMaxQueue (note the two spaces).
+# How long a computing runner counts as busy after it last said so (see note_busy).
+BUSY_HOLD_S = 1.5
 ERR_MAX_QUEUE = "server busy, please try again.  maximum pending requests exceeded"
 
 
@@ -90,6 +93,7 @@ class Runner:
     loading: bool = True
     expires_at: float | None = None
     timer: asyncio.TimerHandle | None = None
+    busy_until: float = 0.0  # wall clock: as last written to the GPU state file
 
     @property
     def name(self) -> str:
@@ -394,6 +398,23 @@ class Scheduler:
             self.release(runner)  # the client went away during the load
         else:
             p.fut.set_result(runner)
+
+    def note_busy(self, r: Runner) -> None:
+        """The runner is computing: mark its memory busy for BUSY_HOLD_S in the GPU state file
+        (nvidia-smi's utilisation, temperature and power follow it), rewriting the file at most
+        every BUSY_HOLD_S / 2 per runner."""
+        now = time.time()
+        if r.busy_until - now > BUSY_HOLD_S / 2:
+            return
+        until = r.busy_until = now + BUSY_HOLD_S
+        pid, rid = self.gpu.pid, r.id
+        self.gpu.update_own(
+            lambda _d, live: [
+                dataclasses.replace(a, busy_until=until) if a.runner == rid else a
+                for a in live
+                if a.pid == pid
+            ]
+        )
 
     def _unload(self, r: Runner, reason: str) -> None:
         if self.loaded.get(r.key) is r:

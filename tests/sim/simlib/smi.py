@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .gpu import Allocation, Device, GpuFileError, GpuState, used_mib
+from .gpu import Allocation, Device, GpuFileError, GpuState, used_mib, utilization
 
 DRIVER = "550.54.14"
 CUDA = "12.4"
@@ -28,7 +29,8 @@ HELP = """NVIDIA System Management Interface (simulated for llmd's tests)
     nvidia-smi --query-compute-apps=FIELDS --format=csv[,noheader][,nounits]
 
 GPU fields: index, name, uuid, memory.total, memory.used, memory.free, memory.reserved, count,
-driver_version, pci.bus_id, compute_cap, utilization.gpu, temperature.gpu.
+driver_version, pci.bus_id, compute_cap, utilization.gpu, temperature.gpu, power.draw,
+power.limit (utilisation, temperature and power follow the runners computing on the GPU).
 Compute-app fields: pid, process_name, used_memory, gpu_uuid, gpu_name, gpu_bus_id.
 """
 
@@ -58,9 +60,23 @@ GPU_FIELDS: dict[str, GpuField] = {
     "pci.bus_id": ("pci.bus_id", None, lambda d, a, n: _bus_id(d)),
     "gpu_bus_id": ("pci.bus_id", None, lambda d, a, n: _bus_id(d)),
     "compute_cap": ("compute_cap", None, lambda d, a, n: "8.9"),
-    "utilization.gpu": ("utilization.gpu", "%", lambda d, a, n: "0"),
-    "temperature.gpu": ("temperature.gpu", None, lambda d, a, n: "35"),
+    "utilization.gpu": ("utilization.gpu", "%", lambda d, a, n: str(_util(d, a))),
+    "temperature.gpu": ("temperature.gpu", None, lambda d, a, n: str(35 + _util(d, a) * 4 // 10)),
+    "power.draw": ("power.draw", "W", lambda d, a, n: f"{_power(d, a):.2f}"),
+    "power.limit": ("power.limit", "W", lambda d, a, n: f"{d.power_limit_w:.2f}"),
 }
+
+IDLE_W = 30.0
+
+
+def _util(d: Device, allocs: list[Allocation]) -> int:
+    return utilization(d, allocs, time.time())
+
+
+def _power(d: Device, allocs: list[Allocation]) -> float:
+    """Idle draw plus the rest of the limit in proportion to utilisation."""
+    return IDLE_W + (d.power_limit_w - IDLE_W) * _util(d, allocs) / 100
+
 
 AppField = tuple[str, str | None, Callable[[int, Device, int], str]]
 APP_FIELDS: dict[str, AppField] = {
