@@ -54,18 +54,20 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from llmdproc import cleanup, make_llmd  # noqa: E402
+from llmdproc import Llmd, cleanup, make_llmd  # noqa: E402
 from simproc import start_sim, write_catalog, write_gpu_file  # noqa: E402
 
+T = TypeVar("T")
 MIB = 1024 * 1024
 GPU_MIB = 16384
 DEVICE = {"index": 0, "name": "NVIDIA GeForce RTX 4080", "total_mib": GPU_MIB}
@@ -327,14 +329,26 @@ def run_llmd(
         sim_env=env,
         gpu_devices=[DEVICE],
     )
+    return replay_through(d, warm_up, trace, timeout, count_loads)
+
+
+def replay_through(
+    d: Llmd,
+    warm: Callable[[str], None],
+    trace: list[Req],
+    timeout: float,
+    count: Callable[[str], T],
+) -> tuple[list[Result], float, T]:
+    """Start llmd, warm it up, send the trace; the results, the span and what `count` finds in
+    llmd's log lines of the trace (its children's are copied there at info)."""
     try:
         d.start()
-        warm_up(d.url)
+        warm(d.url)
         time.sleep(0.5)
         before = len(d.logs())
         results, span = asyncio.run(replay(d.url, trace, timeout))
-        time.sleep(0.5)  # the child's last log lines reach llmd's log
-        return results, span, count_loads(d.logs()[before:])
+        time.sleep(0.5)  # the children's last log lines reach llmd's log
+        return results, span, count(d.logs()[before:])
     finally:
         cleanup(d)
 

@@ -45,9 +45,10 @@ from contention import (  # noqa: E402
     Result,
     http,
     replay,
+    replay_through,
     summarise,
 )
-from llmdproc import cleanup, make_llmd  # noqa: E402
+from llmdproc import make_llmd  # noqa: E402
 from simproc import start_sim, write_catalog, write_gpu_file  # noqa: E402
 
 MODEL = MODELS[0]  # code:14b: 8448 MiB file, ~9.3 GiB loaded, 5 s load, 55 tokens/s
@@ -100,16 +101,7 @@ def run_llmd(
         sim_env=env,
         gpu_devices=DEVICES,
     )
-    try:
-        d.start()
-        warm(d.url)
-        time.sleep(0.5)
-        before = len(d.logs())
-        results, span = asyncio.run(replay(d.url, trace, timeout))
-        time.sleep(0.5)  # the children's last log lines reach llmd's log
-        return results, span, copies_loaded(d.logs()[before:])
-    finally:
-        cleanup(d)
+    return replay_through(d, warm, trace, timeout, copies_loaded)
 
 
 def run_ollama(
