@@ -75,7 +75,8 @@ class LatencyWatch:
         """A finished proxied request."""
         if not rec.model or rec.status != 200:
             return
-        m = self._lifecycle.models.get(rec.model)
+        # Its runner (a name sharing another's, or the first copy of a replicated model).
+        m = self._lifecycle.runner_of(rec.model) or self._lifecycle.models.get(rec.model)
         s = contention.sample_of(
             time=rec.time,
             ttfb_s=rec.ttfb_s,
@@ -99,15 +100,20 @@ class LatencyWatch:
             self._announce(change)
 
     def _quiet(self, rec: RequestRecord, m: Model | None) -> bool:
-        """Warm, not queued, fully in GPU memory, and no other model busy on its GPUs."""
-        if rec.waited_for_load or rec.queued_s > QUIET_QUEUE_S:
+        """Warm, not queued, fully in GPU memory, and no other model busy on its GPUs (for a
+        replicated model: every copy, since the record does not say which one served it)."""
+        if rec.waited_for_load or rec.queued_s > QUIET_QUEUE_S or m is None:
             return False
-        if m is None or not m.size or m.size_vram < m.size:
-            return False
-        return not any(
-            o.in_flight > 0 and o.name != m.name and self._share_gpu(o.backend, m.backend)
-            for o in self._lifecycle.models.values()
-        )
+        copies = self._lifecycle.runners_of(m.name) or [m]
+        for c in copies:
+            if not c.size or c.size_vram < c.size:
+                return False
+            if any(
+                o.in_flight > 0 and o.name != c.name and self._share_gpu(o.backend, c.backend)
+                for o in self._lifecycle.models.values()
+            ):
+                return False
+        return True
 
     def _share_gpu(self, a: str, b: str) -> bool:
         ca, cb = self._backends.children.get(a), self._backends.children.get(b)
@@ -130,7 +136,7 @@ class LatencyWatch:
 
     def _scene(self, change: contention.Change) -> contention.Scene:
         """What llmd can see around the model now."""
-        m = self._lifecycle.models.get(change.model)
+        m = self._lifecycle.runner_of(change.model) or self._lifecycle.models.get(change.model)
         now = self._clock()
         since = now - self.cfg.contention.window_time
         backend = m.backend if m is not None else ""
