@@ -404,3 +404,17 @@ async def test_a_reload_that_replicates_a_model_keys_its_records_by_backend_and_
         assert r.lc.models["a:1b"] is m and m.key == "a:1b" and not m.replica
         assert await r.lc.unload("a:1b", reason="test") == "unloaded"
         assert r.lc.models["a:1b@b1"].state is MState.LOADED  # no longer one of its copies
+
+
+async def test_the_timers_loop_stops_when_cancelled_as_its_wake_up_comes() -> None:
+    """Cancelled (llmd stopping) in the same step as something wakes it, the timers loop
+    ends; asyncio.wait_for on Python 3.11 lost that cancellation and the loop ran on."""
+    async with rig(make_config()) as r:
+        r.add("a:1b", 1)
+        await r.lc.load("a:1b", r.child, reason="test")  # idle: its keep-alive timer is due
+        task = r.start(r.lc.run_timers(), "timers")
+        await settle()  # waiting for a timer change
+        r.lc._timers_changed.set()
+        task.cancel()
+        await settle()
+        assert task.cancelled()
