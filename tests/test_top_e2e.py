@@ -110,6 +110,8 @@ def test_top_shows_gpus_backends_and_models_live_and_answers_keys(
         s.keys("y")
         text = s.wait(lambda t: f"{TINY} pinned" in t, "the pin done")
         assert " yes " in row(text, TINY)
+        # Its newest event is the pin (which has no backend), not its load.
+        s.wait(lambda t: " pin " in row(t, TINY) and "(llmctl)" in row(t, TINY), "the pin event")
         models = json.loads(d.llmctl("models", "--json").stdout)["models"]
         assert next(m for m in models if m["name"] == TINY)["pinned"] is True
         # Another key after p cancels.
