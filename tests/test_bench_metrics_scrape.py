@@ -64,6 +64,6 @@ def test_tiny_run(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "same series as the old renderer: yes" in proc.stdout
+    assert "same series as the old renderer and same bytes as the library: yes" in proc.stdout
     ms = json.loads(out.read_text())["ms"]
-    assert len(ms) == 4 and all(row["p50"] > 0 for row in ms.values())
+    assert len(ms) == 6 and all(row["p50"] > 0 for row in ms.values())

@@ -1,4 +1,5 @@
-"""Tests for llmd.metrics: the collector over a plain snapshot, through prometheus_client."""
+"""Tests for llmd.metrics: the families over a plain snapshot, and llmd's encoder against the
+pages prometheus_client's own encoders write from the same families."""
 
 from __future__ import annotations
 
@@ -154,3 +155,87 @@ def test_label_values_are_escaped_and_read_back() -> None:
         s = parse_metrics(page(counters, accept=accept)[0], openmetrics=bool(accept))
         assert s[series("llmd_requests_total", model=odd, endpoint="/api/generate", status="200")]
         assert s[series("llmd_model_events_total", event="crash", model="")] == 1
+
+
+ODD = 'a "quoted" \\ name\nwith a newline, ünïcode'
+
+
+def odd_snapshot(extra_model: bool) -> tuple[M.Metrics, M.Snapshot]:
+    """Every family filled, with label values to escape and numbers the library writes in each
+    of its ways: small and large integers, floats, a negative, exponents, infinity and NaN."""
+    counters = M.Metrics()
+    for name, duration in ((ODD, 0.25), ("b", 1e-7), ("b", 7200.0)):
+        counters.record_request(
+            RequestRecord(
+                time=0.0,
+                model=name,
+                endpoint="/v1/chat/completions",
+                status=200,
+                duration_s=duration,
+                ttfb_s=duration / 3,
+                prompt_tokens=2_000_000,
+                eval_tokens=5,
+                waited_for_load=True,
+            )
+        )
+    counters.record_event("crash", None)
+    counters.tokens[("b", "eval")] = 10**17  # past the fast path: the library's exponent form
+    waits, batches = M.Histogram(), M.Histogram((1.0, 2.0, 4.0))
+    waits.observe((ODD,), 0.01)
+    batches.observe(("b",), 3)
+    models = [
+        model(ODD, 'gpu"0', keep_alive_s=None, vram_bytes=12 * 2**30, contended=True),
+        model("b", "b0", keep_alive_s=1234.5, baseline_ttft_s=0.012, baseline_tpot_s=3e-5),
+    ]
+    if extra_model:
+        models.append(model("c", "b0", loaded=False, keep_alive_s=float("inf")))
+    snap = M.Snapshot(
+        models=models,
+        backends=[M.BackendGauges("b0", True, 0), M.BackendGauges('gpu"0', False, 7)],
+        gpus=[
+            M.GpuGauges(0, 123, 24564 * 2**20, util_pct=float("nan"), temp_c=61.0),
+            M.GpuGauges(1, 0, 80 * 2**30),
+        ],
+        queues=[M.QueueGauges("b", 3, 1, 4, True, {"queue_timeout": 1}, 2, max_queue=64)],
+        queue_waits=waits,
+        batches=batches,
+        store_degraded=True,
+    )
+    return counters, snap
+
+
+@pytest.mark.parametrize("accept", ["", "text/plain", OPENMETRICS, PROMETHEUS_ACCEPT, "*/*"])
+@pytest.mark.parametrize("extra_model", [False, True])
+def test_the_page_is_byte_for_byte_the_librarys(accept: str, extra_model: bool) -> None:
+    """llmd's encoder writes what prometheus_client's encoders write for the same families,
+    content type included, in whichever format the Accept header gets."""
+    counters, snap = odd_snapshot(extra_model)
+    expo = M.Exposition(counters, lambda: snap)
+    ours, library = expo.page(accept), expo.library_page(accept)
+    assert ours[1] == library[1]
+    assert ours[0].decode().splitlines() == library[0].decode().splitlines()
+    assert ours[0] == library[0]
+    assert b"NaN" in ours[0] and b"e+17" in ours[0] and b"+Inf" in ours[0]
+
+
+def test_kept_prefixes_follow_the_series_on_the_page() -> None:
+    """Scrape after scrape the page stays the library's while values change and series come
+    and go; a series missing from a scrape is forgotten, not kept forever."""
+    counters, snap = odd_snapshot(extra_model=True)
+    current = snap
+    expo = M.Exposition(counters, lambda: current)
+    assert expo.page()[0] == expo.library_page()[0]
+    kept = set(expo.encoder._prefixes)
+    assert ("llmd_model_loaded", ("c", "b0")) in kept
+
+    current = odd_snapshot(extra_model=False)[1]  # "c" is gone
+    counters.record_request(request("d", duration_s=3.0))  # "d" is new
+    counters.record_request(request("b", duration_s=0.5))
+    for _ in range(2):
+        assert expo.page()[0] == expo.library_page()[0]
+    assert ("llmd_model_loaded", ("c", "b0")) not in expo.encoder._prefixes
+    assert ("llmd_request_duration_seconds", ("d",)) in expo.encoder._buckets
+
+    current = snap  # "c" is back, as before
+    assert expo.page(OPENMETRICS)[0] == expo.library_page(OPENMETRICS)[0]
+    assert ("llmd_model_loaded", ("c", "b0")) in expo.encoder._prefixes
