@@ -3,6 +3,7 @@ views of the core it answers with (status, models, pins, the /metrics snapshot).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -314,6 +315,8 @@ class Admin:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self._control.started_at, 1),
             "config": str(self.cfg.path),
+            # daemon.event_loop as it came out: "uvloop" or "asyncio".
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             "proxy": {
                 "listen": self.cfg.proxy.listen,
                 "in_flight": self.proxy.in_flight,

@@ -45,6 +45,8 @@ class Backends:
         self.children: dict[str, Child] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._tags: dict[str, list[Pulled]] = {}
+        # The same, by name (looked up on every request for a model without a backend).
+        self._by_name: dict[str, dict[str, Pulled]] = {}
         self._refreshing: asyncio.Task[None] | None = None
         self._tags_failing: set[str] = set()
         self._listing: set[str] = set()  # children whose models are being listed as they start
@@ -110,6 +112,7 @@ class Backends:
                 self._on_exit(child, "stopped by a reload")
             self._tasks.pop(b.name, None)
             self._tags.pop(b.name, None)
+            self._by_name.pop(b.name, None)
         for b in changed + added:
             self._start_one(self._add_child(b))
         for b in added:
@@ -257,7 +260,7 @@ class Backends:
     def _from_tags(self, model: str) -> Child | None:
         for b in self.cfg.backends:
             child = self.children.get(b.name)
-            if child is not None and any(t.name == model for t in self._tags.get(b.name, [])):
+            if child is not None and model in self._by_name.get(b.name, ()):
                 return child
         return None
 
@@ -315,6 +318,8 @@ class Backends:
         """Record what a backend's /api/tags just said (but llmd's own derived models, which
         are not the backend's to route to, list or load: see llmd/derived.py)."""
         self._tags[backend] = [t for t in models if not is_derived(t.name)]
+        # The first of a name wins, as the scans of the list did.
+        self._by_name[backend] = {t.name: t for t in reversed(self._tags[backend])}
         self._poke()
 
     def tags(self, backend: str) -> list[Pulled]:
@@ -323,7 +328,7 @@ class Backends:
 
     def pulled(self, backend: str, name: str) -> Pulled | None:
         """A model as a backend's last /api/tags listed it, if it did."""
-        return next((t for t in self._tags.get(backend, []) if t.name == name), None)
+        return self._by_name.get(backend, {}).get(name)
 
     def digest_of(self, name: str, backend: str) -> str | None:
         """The digest a backend's /api/tags gives the name, if it was listed."""

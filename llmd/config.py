@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -139,6 +140,8 @@ class DaemonConfig:
     log_format: str = "text"
     shutdown_timeout: float = 30.0
     retention_days: int = 14
+    # "auto": uvloop where it is installed (python3-uvloop), else asyncio's own loop.
+    event_loop: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -312,13 +315,19 @@ class Config:
 
     def model(self, name: str) -> ModelConfig | None:
         """The [[model]] entry for a canonical model name, if configured."""
-        for m in self.models:
-            if m.name == name:
-                return m
-        return None
+        return self._by_name.get(name)
 
     def aliases(self) -> dict[str, str]:
-        """Alias -> canonical model name."""
+        """Alias -> canonical model name (one dict per config: do not change it)."""
+        return self._aliases
+
+    # Looked up on every request: built once per config (a reload makes a new Config).
+    @functools.cached_property
+    def _by_name(self) -> dict[str, ModelConfig]:
+        return {m.name: m for m in reversed(self.models)}  # the first entry of a name wins
+
+    @functools.cached_property
+    def _aliases(self) -> dict[str, str]:
         return {a: m.name for m in self.models for a in m.aliases}
 
 
@@ -519,6 +528,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         admin_socket=lambda v: Path(_str(v)),
         log_level=_choice("debug", "info", "warning", "error"),
         log_format=_choice("text", "json"),
+        event_loop=_choice("auto", "asyncio", "uvloop"),
         shutdown_timeout=_positive_duration,
         retention_days=_positive_int,
     )

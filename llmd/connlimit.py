@@ -9,7 +9,7 @@ import resource
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -227,8 +227,8 @@ class _Conn(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is one without subclassing asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         self.since = self.last_rx = self._loop.time()
         if not self.owner._admit(self):
             return
@@ -305,7 +305,14 @@ class _Conn(asyncio.Protocol):
             self._timer = None
 
     def _schedule(self, when: float) -> None:
-        self._cancel()
+        """Have _check run by `when`. A timer already due earlier is kept: _check judges the
+        state it finds and sets the next one, so a connection's requests (three timer changes
+        each) do not churn the loop's timers."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
         self._timer = self._loop.call_at(when, self._check)
 
     def _check(self) -> None:

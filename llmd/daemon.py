@@ -29,6 +29,7 @@ from llmd.backends import Backends
 from llmd.config import Config, ConfigError
 from llmd.connlimit import Connections, LimitedSite, connection_cap, open_file_limit
 from llmd.feed import Feed
+from llmd.forward import child_session
 from llmd.latency import LatencyWatch
 from llmd.lifecycle import Lifecycle
 from llmd.memory import Memory
@@ -99,11 +100,7 @@ class Daemon:
                 self.cfg.daemon.state_dir / "llmd.db", retention_days=self.cfg.daemon.retention_days
             )
             stack.push_async_callback(self.store.close)
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                auto_decompress=False,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            )
+            session = child_session()
             stack.push_async_callback(session.close)
             self.backends = Backends(
                 self.cfg,
@@ -410,6 +407,7 @@ class Daemon:
                     self.cfg.daemon.retention_days,
                     new.daemon.retention_days,
                 ),
+                ("daemon.event_loop", self.cfg.daemon.event_loop, new.daemon.event_loop),
             ):
                 if old_v != new_v:
                     notes.append(f"{what} changed: restart llmd to apply it")
@@ -586,15 +584,39 @@ def main(argv: list[str] | None = None) -> int:
     _raise_nofile()
     # A hung daemon killed by the systemd watchdog (SIGABRT) leaves its stacks in the journal.
     faulthandler.enable()
+    try:
+        loop_factory, loop_name = event_loop(cfg.daemon.event_loop)
+    except ImportError as e:
+        print(f'llmd: {cfg.path}: daemon.event_loop = "uvloop": {e}', file=sys.stderr)
+        return EX_CONFIG
+    log.debug("event loop: %s", loop_name)
     daemon = Daemon(cfg)
     try:
-        asyncio.run(daemon.run())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(daemon.run())
     except StartupError as e:
         log.error("cannot start: %s", e)
         return 1
     finally:
         repeats.flush()
     return daemon.exit_code
+
+
+def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The loop factory for daemon.event_loop (None: asyncio's own) and its name. uvloop moves
+    the proxy's socket work into C (bench/proxy_overhead.py measures what it saves); "auto"
+    takes it where it is installed. ImportError: "uvloop" asked for, and not installed."""
+    if choice == "asyncio":
+        return None, "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ImportError(
+                "uvloop is not installed (Debian: apt install python3-uvloop; pip: uvloop)"
+            ) from None
+        return None, "asyncio"
+    return uvloop.new_event_loop, f"uvloop {getattr(uvloop, '__version__', '')}".strip()
 
 
 if __name__ == "__main__":

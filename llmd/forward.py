@@ -46,18 +46,27 @@ TAIL_BYTES = 4096
 UPLOAD_SLICE = 256 * 1024
 # What llmd_requests_total counts for a request whose client went away (nginx's convention).
 CLIENT_CLOSED = 499
-_COUNTERS = {
-    name: re.compile(rf'"{name}"\s*:\s*(\d+)')
-    for name in (
-        "load_duration",
-        "prompt_eval_count",
-        "eval_count",
-        "prompt_tokens",
-        "completion_tokens",
-    )
-}
+# The counters of an answer's final record, in one pass over its tail (the last of each wins).
+_COUNTERS = re.compile(
+    rb'"(load_duration|prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)'
+)
 
 RecordFn = Callable[[RequestRecord], None]
+
+
+def child_session() -> aiohttp.ClientSession:
+    """The one HTTP client llmd talks to its children with (proxied requests and its own calls):
+    connections kept alive and unlimited in number (the scheduler bounds them); bodies passed
+    on as the child wrote them (no decompression: the client asked for its encoding, and the
+    Content-Length must stay true); and no cookie jar, since a cookie one client's answer set
+    must never ride along with another client's request (and the jar's filtering of every
+    request's cookies costs time on the hot path)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+    )
 
 
 class Forwarder:
@@ -92,7 +101,7 @@ class Forwarder:
             data = data.payload(request.method)
         status = 502
         ttfb: float | None = None
-        tail = b""
+        tail = Tail()
         streamed = False
         resp: web.StreamResponse | None = None
         try:
@@ -121,7 +130,7 @@ class Forwarder:
                         return resp
                     if ttfb is None:
                         ttfb = time.time() - t0
-                    tail = (tail + chunk)[-TAIL_BYTES:]
+                    tail.add(chunk)
                     out = chunk if rewrite is None else rewrite.feed(chunk)
                     if out:
                         await resp.write(out)
@@ -159,7 +168,7 @@ class Forwarder:
                     ttfb,
                     lease.waited_for_load,
                     lease.load_s,
-                    tail,
+                    tail.bytes(),
                     queued_s=queued_s,
                     streamed=streamed,
                 )
@@ -310,10 +319,26 @@ async def _write_quietly(resp: web.StreamResponse, data: bytes) -> None:
 
 def _counters(tail: bytes) -> dict[str, int]:
     """Token counts and load time from the end of a response (the final done record)."""
-    text = tail.decode(errors="replace")
-    out = {}
-    for name, rx in _COUNTERS.items():
-        found = rx.findall(text)
-        if found:
-            out[name] = int(found[-1])
-    return out
+    return {name.decode(): int(n) for name, n in _COUNTERS.findall(tail)}
+
+
+class Tail:
+    """The last TAIL_BYTES (at least) of a streamed answer, for its final record's counters:
+    chunks are kept as they come and joined only when more than twice that is held, not
+    copied on every chunk."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._parts.append(chunk)
+        self._size += len(chunk)
+        if self._size > 2 * TAIL_BYTES:
+            kept = self.bytes()
+            self._parts, self._size = [kept], len(kept)
+
+    def bytes(self) -> bytes:
+        return b"".join(self._parts)[-TAIL_BYTES:]

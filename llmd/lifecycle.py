@@ -86,6 +86,9 @@ class Lifecycle:
         )
         self._on_loaded = on_loaded
         self._timers_changed = asyncio.Event()
+        # When the timers loop wakes next by itself (None: only when told): a timer set later
+        # than that needs no wake-up (it is looked at then), nor does one cleared.
+        self._timers_due: float | None = None
         # Set when a model goes idle or leaves: admissions waiting for room look again.
         self._room_changed = asyncio.Event()
         self._generations: dict[str, int] = {}
@@ -253,7 +256,7 @@ class Lifecycle:
         m.prewarm_at = None
         m.prewarmed = False
         m.extra = False
-        self._timers_changed.set()
+        # Timers only cleared: the timers loop need not look now (see _timers_due).
         task = asyncio.current_task()
         if task is not None:
             m.holders.add(task)
@@ -412,7 +415,9 @@ class Lifecycle:
             if ka.prewarm_after_s is not None and ka.prewarm_expire_s is not None:
                 m.prewarm_at = idle_since + ka.prewarm_after_s
                 m.prewarm_expire_at = idle_since + ka.prewarm_expire_s
-        self._timers_changed.set()
+        first = min((t for t in (m.deadline, m.prewarm_at) if t is not None), default=None)
+        if first is not None and (self._timers_due is None or first < self._timers_due):
+            self._timers_changed.set()
 
     async def _ensure_loaded(
         self, m: Model, child: Child, options: dict[str, Any] | None, reason: str
@@ -696,7 +701,7 @@ class Lifecycle:
         """Unload idle models whose keep-alive has expired; pre-warm those predicted to be
         needed soon."""
         while True:
-            due = await self.tick()
+            due = self._timers_due = await self.tick()
             wait = None if due is None else max(0.0, due - self._clock())
             self._timers_changed.clear()
             await _wait_event(self._timers_changed, wait)

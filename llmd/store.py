@@ -133,8 +133,20 @@ class RequestRecord:
     streamed: bool = False  # answered as a stream (NDJSON or SSE): ttfb_s is the first token's
 
     def row(self) -> tuple[Any, ...]:
-        """Its values in the requests table's INSERT order."""
-        return astuple(self)[:11]
+        """Its values in the requests table's INSERT order (the first 11 fields)."""
+        return (
+            self.time,
+            self.model,
+            self.endpoint,
+            self.status,
+            self.duration_s,
+            self.ttfb_s,
+            self.waited_for_load,
+            self.load_duration_s,
+            self.prompt_tokens,
+            self.eval_tokens,
+            self.request_id,
+        )
 
 
 # time, kind, model, backend, reason

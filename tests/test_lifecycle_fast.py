@@ -418,3 +418,43 @@ async def test_the_timers_loop_stops_when_cancelled_as_its_wake_up_comes() -> No
         task.cancel()
         await settle()
         assert task.cancelled()
+
+
+async def test_the_timers_loop_wakes_only_for_a_timer_earlier_than_its_own() -> None:
+    """Each request ends by setting its model's keep-alive timer anew, later than the one the
+    timers loop sleeps for: the loop is not woken for it (it was, twice a request, and walked
+    every model each time). A timer earlier than the loop's, here an unload asked for while a
+    request runs, does wake it, and the model unloads as that request ends."""
+    async with rig(make_config()) as r:
+        r.add("a:1b", 4)
+        await request(r, "a:1b")
+        ticks = 0
+        tick = r.lc.tick
+
+        async def counted() -> float | None:
+            nonlocal ticks
+            ticks += 1
+            return await tick()
+
+        r.lc.tick = counted  # type: ignore[method-assign]
+        r.start(r.lc.run_timers(), "timers")
+        await settle()
+        assert ticks == 1
+        for _ in range(50):
+            r.clock.advance(1)
+            await request(r, "a:1b")
+            await settle()
+        assert ticks == 1
+        m = r.lc.models["a:1b"]
+        assert m.deadline == r.clock.now + KEEP_ALIVE_S
+
+        gate = asyncio.Event()
+        holder = await hold(r, "a:1b", gate)
+        assert await r.lc.unload("a:1b", "llmctl unload") == (
+            "will unload when its in-flight requests finish"
+        )
+        gate.set()
+        await holder
+        await wait_until(lambda: m.state is MState.UNLOADED)
+        assert ticks == 2
+        assert r.events.of("unload") == [("a:1b", "unload requested")]

@@ -653,3 +653,31 @@ async def test_pins_of_an_unwritable_database_stay_in_force(opener, db_path, imm
     assert s2.idle_histogram("m").to_dict() == hist(99)
     await s2.close()
     assert sorted(query(db_path, "SELECT model FROM pins")) == [("a",), ("c",)]
+
+
+def test_a_request_row_is_its_first_eleven_fields_in_order() -> None:
+    """row() spells the INSERT's columns out (astuple was a tenth of the recording path): it
+    must stay the record's first 11 fields, in order, whatever fields are added after them."""
+    import dataclasses
+
+    rec = RequestRecord(
+        time=1.5,
+        model="m",
+        endpoint="/api/chat",
+        status=200,
+        duration_s=0.25,
+        ttfb_s=0.1,
+        waited_for_load=True,
+        load_duration_s=3.0,
+        prompt_tokens=7,
+        eval_tokens=9,
+        request_id="abc",
+        queued_s=0.5,
+        streamed=True,
+    )
+    assert rec.row() == dataclasses.astuple(rec)[:11]
+    names = [f.name for f in dataclasses.fields(RequestRecord)][:11]
+    assert names == [
+        "time", "model", "endpoint", "status", "duration_s", "ttfb_s", "waited_for_load",
+        "load_duration_s", "prompt_tokens", "eval_tokens", "request_id",
+    ]  # fmt: skip
