@@ -2,7 +2,10 @@
 """A bare aiohttp pass-through proxy, as a user writes one in twenty lines: the yardstick
 bench/proxy_overhead.py holds llmd against (everything llmd adds on top of this should cost
 nothing). No routing, auth, queue, recording or metrics: the request's method, path, headers
-and body go to one upstream, its status, content type and body come back as they arrive.
+and body go to one upstream, its status, content type and body come back as they arrive. One
+change from aiohttp's defaults: no cap on connections to the upstream (the default, 100, would
+hold 256 concurrent streams to 100 and measure the child at a lighter load than the other
+fronts put on it).
 
     python bench/bare_proxy.py PORT UPSTREAM_URL
 """
@@ -18,7 +21,7 @@ HOP = {"host", "content-length", "transfer-encoding", "connection"}
 
 
 async def session(app: web.Application):  # type: ignore[no-untyped-def]
-    app["session"] = aiohttp.ClientSession()
+    app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     yield
     await app["session"].close()
 

@@ -60,7 +60,15 @@ def summarise(collapsed: str, top: int = 40) -> str:
         own[frames[-1]] += k
         for f in set(frames):
             inclusive[f] += k
-    out = [f"{total} samples\n", "own samples (share of all):"]
+    by_file: Counter[str] = Counter()
+    for f, k in own.items():
+        where = f.rpartition(" (")[2].rstrip(")").rpartition(":")[0] or "?"
+        by_file[where if where.startswith("llmd/") else where.split("/")[0]] += k
+    llmd_own = sum(k for w, k in by_file.items() if w.startswith("llmd/"))
+    out = [f"{total} samples; llmd's own code {100 * llmd_own / total:.1f}% of them\n"]
+    out.append("own samples by module (llmd) or package (the rest):")
+    out += [f"  {100 * k / total:5.1f}%  {w}" for w, k in by_file.most_common(top)]
+    out += ["", "own samples (share of all):"]
     out += [f"  {100 * k / total:5.1f}%  {f}" for f, k in own.most_common(top)]
     out += ["", "inclusive samples (share of all):"]
     out += [f"  {100 * k / total:5.1f}%  {f}" for f, k in inclusive.most_common(top)]
