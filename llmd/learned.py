@@ -233,6 +233,17 @@ class Learned:
         self._dirty_pins |= self.pinned
         self._dirty_baselines |= set(self.baselines)
 
+    @property
+    def changed(self) -> bool:
+        """Whether anything changed since the last take_changes()."""
+        return bool(
+            self._dirty_hists
+            or self._dirty_busy
+            or self._dirty_facts
+            or self._dirty_pins
+            or self._dirty_baselines
+        )
+
     def take_changes(self) -> Changes:
         """What changed since the last take, now counted as written; put_back() if it was not."""
         changes = Changes(

@@ -441,6 +441,11 @@ class Store:
                 await self._close_db()
             if self._db is None and not await self._connect():
                 return False
+            idle = not (self._unwritten or self._events or self.learned.changed)
+            if idle and self.degraded is None:
+                # Nothing to write: an idle llmd flushes every second and must not wake the
+                # database (and its thread) each time for an empty transaction.
+                return True
             return await self._write()
 
     async def prune(self) -> None:

@@ -289,6 +289,42 @@ async def test_run_flushes_each_interval_and_on_stop(opener, db_path):
     assert query(db_path, "SELECT count(*) FROM requests") == [(2,)]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        "nothing",
+        "request",
+        "event",
+        "pin",
+        "facts",
+        "baselines",
+    ],
+)
+async def test_flush_touches_the_database_only_with_something_to_write(opener, change):
+    """An idle flush (nothing recorded or learned since the last one) runs no SQL at all: an
+    idle llmd flushes every second. Anything new is written as before."""
+    s = await opener()
+    s.record_request(req(T0))
+    assert await s.flush()
+    statements: list[str] = []
+    await s._db.set_trace_callback(statements.append)
+    if change == "request":
+        s.record_request(req(T0 + 100))
+    elif change == "event":
+        s.record_event("load", model="m")
+    elif change == "pin":
+        s.learned.set_pin("m", True)  # as set_pin does, without its own flush
+    elif change == "facts":
+        s.learned.set_model_facts("m", 7, 7, 1.0)
+    elif change == "baselines":
+        s.set_baselines("m", {"ttft": [0.1]})
+    assert await s.flush()
+    if change == "nothing":
+        assert statements == []
+    else:
+        assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+
+
 async def test_corrupt_database_is_moved_aside_and_replaced(opener, db_path, caplog):
     """A file that is not a database is renamed .corrupt-<time> and a new one is started."""
     db_path.write_bytes(b"this is not a database" * 100)
