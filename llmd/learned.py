@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from llmd.policy import IdleHistogram
 
 DAY_S = 86400.0
+HISTORY_DAYS = 14
+"""UTC days of idle gaps the policy learns from, today included: what idle_histogram merges,
+and all of them that memory keeps (the database keeps daemon.retention_days of them)."""
 LOAD_S_WEIGHT = 0.3  # weight of the newest load in the load time's moving average
 
 
@@ -77,7 +80,7 @@ class Learned:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+    def idle_histogram(self, model: str, days: int = HISTORY_DAYS) -> IdleHistogram:
         """The model's idle gaps over the last `days` UTC days, today included."""
         now = self._clock()
         today = utc_day(now)

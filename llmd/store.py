@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from llmd.learned import DAY_S, Learned, ModelFacts, utc_day
+from llmd.learned import DAY_S, HISTORY_DAYS, Learned, ModelFacts, utc_day
 from llmd.policy import IdleHistogram
 
 log = logging.getLogger("llmd.store")
@@ -297,7 +297,7 @@ class Store:
 
     # -- reading (synchronous, from memory) -------------------------------------------------
 
-    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+    def idle_histogram(self, model: str, days: int = HISTORY_DAYS) -> IdleHistogram:
         """The model's idle gaps over the last `days` UTC days, today included."""
         # The daemon asks as a model goes idle, right after its last request was recorded:
         # count that request's gap now rather than at the next flush.
@@ -453,7 +453,7 @@ class Store:
         now = self._clock()
         cutoff = now - self.retention_days * DAY_S
         first_day = utc_day(now - (self.retention_days - 1) * DAY_S)
-        self.learned.prune(cutoff, first_day)
+        self.learned.prune(cutoff, self._first_day_in_memory(now))
         async with self._lock:
             db = self._db
             if db is None or self.degraded is not None or self._closed:
@@ -516,6 +516,12 @@ class Store:
         if excess > 0:
             self._count_drops(excess)
         return merged
+
+    def _first_day_in_memory(self, now: float) -> str:
+        """The oldest UTC day whose idle-gap histograms memory holds: those the policy reads,
+        within retention. A longer retention keeps older days in the database only: a year of
+        them would cost tens of MB of memory at 50 models, and be read at every start."""
+        return utc_day(now - (min(self.retention_days, HISTORY_DAYS) - 1) * DAY_S)
 
     def _roll_up(self) -> None:
         """Count the idle gaps that new requests close, and move them on to be written."""
@@ -669,7 +675,7 @@ class Store:
             self.learned.mark_all_changed()
             self._rows = rows
             return
-        first_day = utc_day(self._clock() - (self.retention_days - 1) * DAY_S)
+        first_day = self._first_day_in_memory(self._clock())
         hist_rows = await _fetchall(
             db, "SELECT model, day, histogram FROM idle_histograms WHERE day >= ?", (first_day,)
         )

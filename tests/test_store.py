@@ -207,6 +207,29 @@ async def test_prune_forgets_rows_events_and_histograms_past_retention(opener, d
     assert s.status()["rows"] == 1
 
 
+async def test_memory_holds_only_the_days_the_policy_reads(opener, db_path, clock):
+    """With retention_days beyond the policy's 14 days, older day histograms stay in the
+    database but not in memory: not read at open, and dropped from memory by a prune (a year
+    of them cost ~20 MB of RSS at 50 models); what the policy reads is the same."""
+    s = await opener(retention_days=365)
+    for day in (30, 13, 0):  # a gap on each of three days: 30, 13 and 0 days ago
+        t = clock.t - day * DAY_S
+        s.record_request(req(t - 100))
+        s.record_request(req(t))
+    await s.flush()
+    recent = s.idle_histogram("m").to_dict()
+    # Days 13 and 0; each one's first request ends a gap of weeks, out of the histogram's range.
+    assert recent == hist(99, 99, 1000 * DAY_S, 1000 * DAY_S)
+    await s.prune()
+    assert len(s.learned.hists["m"]) == 2
+    await s.close()
+    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(3,)]
+
+    s2 = await opener(retention_days=365)
+    assert len(s2.learned.hists["m"]) == 2
+    assert s2.idle_histogram("m").to_dict() == recent
+
+
 async def test_events_newest_first_with_filters(opener, clock):
     """events() lists newest first, unwritten ones included, filtered by model and since."""
     s = await opener()
