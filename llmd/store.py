@@ -26,6 +26,7 @@ from llmd.policy import IdleHistogram
 log = logging.getLogger("llmd.store")
 
 CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
+PRUNE_BATCH = 20_000  # rows a prune deletes per transaction (see prune)
 
 SCHEMA_VERSION = 3
 
@@ -454,6 +455,15 @@ class Store:
         cutoff = now - self.retention_days * DAY_S
         first_day = utc_day(now - (self.retention_days - 1) * DAY_S)
         self.learned.prune(cutoff, self._first_day_in_memory(now))
+        # Requests and events go PRUNE_BATCH rows per transaction: each commit lets SQLite
+        # checkpoint the write-ahead log and start it over, and lets flushes in between. In one
+        # transaction, pruning a long history (a lowered retention_days) grew the log by all
+        # it deleted, and the log file keeps its largest size until llmd stops.
+        for table in ("requests", "events"):
+            while (deleted := await self._prune_batch(table, cutoff)) == PRUNE_BATCH:
+                pass
+            if deleted is None:
+                return
         async with self._lock:
             db = self._db
             if db is None or self.degraded is not None or self._closed:
@@ -461,8 +471,6 @@ class Store:
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    await db.execute("DELETE FROM requests WHERE time < ?", (cutoff,))
-                    await db.execute("DELETE FROM events WHERE time < ?", (cutoff,))
                     await db.execute("DELETE FROM idle_histograms WHERE day < ?", (first_day,))
                     await db.execute("DELETE FROM idle_rollup WHERE busy_until < ?", (cutoff,))
                     await db.execute("COMMIT")
@@ -472,6 +480,31 @@ class Store:
                 (self._rows,) = (await _fetchall(db, "SELECT count(*) FROM requests"))[0]
             except Exception as exc:
                 await self._failed(exc)
+
+    async def _prune_batch(self, table: str, cutoff: float) -> int | None:
+        """Delete up to PRUNE_BATCH rows of `table` older than cutoff in one transaction; how
+        many, or None when the database cannot be written now."""
+        async with self._lock:
+            db = self._db
+            if db is None or self.degraded is not None or self._closed:
+                return None
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    async with db.execute(
+                        f"DELETE FROM {table} WHERE id IN"
+                        f" (SELECT id FROM {table} WHERE time < ? LIMIT ?)",
+                        (cutoff, PRUNE_BATCH),
+                    ) as cur:
+                        deleted = cur.rowcount
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await self._rollback(db)
+                    raise
+            except Exception as exc:
+                await self._failed(exc)
+                return None
+        return deleted
 
     async def close(self) -> None:
         """Write what is pending and close the database."""

@@ -207,6 +207,40 @@ async def test_prune_forgets_rows_events_and_histograms_past_retention(opener, d
     assert s.status()["rows"] == 1
 
 
+async def test_prune_of_a_long_history_keeps_the_write_ahead_log_small(
+    opener, db_path, clock, monkeypatch
+):
+    """A prune deletes in transactions of at most PRUNE_BATCH rows, so the write-ahead log
+    is checkpointed as it goes instead of growing by everything deleted (a year of history
+    at 50 models made it 500 MB, kept until llmd stopped), and flushes may run in between."""
+    monkeypatch.setattr(store_module, "PRUNE_BATCH", 2_000)
+    s = await opener(retention_days=2)
+    await s.close()
+    old = [(T0 - 30 * DAY_S + i, "m", "/api/chat", 200, 1.0, 0, f"{i:016x}") for i in range(20_000)]
+    with sqlite3.connect(db_path) as conn:
+        conn.executemany(
+            "INSERT INTO requests (time, model, endpoint, status, duration_s, waited_for_load,"
+            " request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            old,
+        )
+        conn.executemany(
+            "INSERT INTO events (time, kind, model, reason) VALUES (?, 'load', 'm', 'x')",
+            [(t,) for t, *_ in old],
+        )
+    conn.close()
+    s = await opener(retention_days=2)
+    s.record_request(req(clock.t))
+    assert await s.flush()
+    await s._db.execute("PRAGMA wal_autocheckpoint = 50")  # 200 KiB: the data is ~5 MB
+    statements: list[str] = []
+    await s._db.set_trace_callback(statements.append)
+    await s.prune()
+    assert statements.count("BEGIN IMMEDIATE") >= 20  # 10 batches of each table at least
+    assert side(db_path, "-wal").stat().st_size < 1_000_000
+    assert s.status()["rows"] == 1
+    assert query(db_path, "SELECT count(*) FROM events") == [(0,)]
+
+
 async def test_memory_holds_only_the_days_the_policy_reads(opener, db_path, clock):
     """With retention_days beyond the policy's 14 days, older day histograms stay in the
     database but not in memory: not read at open, and dropped from memory by a prune (a year
