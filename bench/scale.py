@@ -27,8 +27,9 @@ Measured, in this order:
    first prune with the default 14-day retention (`daemon.retention_days`), with the file, its
    write-ahead log and its pages in use before and after; bytes per request (--growth-requests
    through the store's own path, `record_request` and `flush`, into a new file: pages in use
-   after a checkpoint); and --bounded-days more days of traffic, each followed by a prune with
-   the clock a day on: the file stays the size it has once retention has reached steady state.
+   after a checkpoint); what a VACUUM (llmd runs none) makes of the pruned file, and in how
+   long; then --bounded-days more days of traffic, each followed by a prune with the clock a
+   day on: the file's size stays where 14 days of traffic put it.
 2. keep-alive decision, in-process: `llmd.models.keep_alive` (what the daemon calls as a model
    goes idle, and for every model in `llmctl status`/`models` and /metrics) for every model,
    on the year's store opened with `retention_days = 366`: --repeats calls with the store's
@@ -464,6 +465,17 @@ async def bounded(
     return out
 
 
+def vacuum(path: Path) -> dict[str, float]:
+    """What SQLite's VACUUM (which llmd never runs) would make of the file: seconds, bytes."""
+    t0 = time.perf_counter()
+    db = sqlite3.connect(path)
+    try:
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    return {"seconds": time.perf_counter() - t0, "file_bytes": path.stat().st_size}
+
+
 async def decision_times(
     path: Path, cfg: llmd_config.Config, models: list[Spec], now: float, repeats: int
 ) -> dict[str, Any]:
@@ -722,9 +734,25 @@ def idle_profile(d: Llmd, seconds: float, stats: Path, out: Path, title: str) ->
     out.write_text(text.getvalue())
 
 
-def import_profile(module: str, out: Path) -> float:
-    """`python -X importtime -c 'import module'` sorted by cumulative time, written to `out`;
-    the total in seconds."""
+def python_wall_s(code: str, repeats: int = 10) -> float:
+    """Median wall time of `python -c code` (this interpreter, this environment)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=os.environ, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def import_profile(module: str, out: Path) -> dict[str, float]:
+    """`python -X importtime -c 'import module'` sorted by cumulative time, written to `out`
+    under the wall times of the interpreter alone, of it importing what any asyncio CLI needs,
+    and of it importing `module`; those times in seconds."""
+    walls = {
+        "pass": python_wall_s("pass"),
+        "import asyncio, argparse, json": python_wall_s("import asyncio, argparse, json"),
+        f"import {module}": python_wall_s(f"import {module}"),
+    }
     r = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"],
         capture_output=True,
@@ -739,11 +767,17 @@ def import_profile(module: str, out: Path) -> float:
             own, cum, name = line.removeprefix("import time:").split("|", 2)
             rows.append((int(cum), int(own), name.rstrip()))
     rows.sort(reverse=True)
-    lines = [f"python -X importtime -c 'import {module}', sorted by cumulative microseconds", ""]
+    lines = [f"wall time of `python -c CODE`, median of 10: {sys.executable}", ""]
+    lines += [f"{t * 1e3:6.0f} ms  {code}" for code, t in walls.items()]
+    lines += [
+        "",
+        f"python -X importtime -c 'import {module}': microseconds, cumulative and own",
+        "",
+    ]
     lines += [f"{cum:>9} {own:>9}  {name}" for cum, own, name in rows[:60]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    return max((c for c, _, n in rows if n.strip() == module), default=0) / 1e6
+    return walls
 
 
 def sims_alone(tmp: Path, d: Llmd, timeout: float = 60) -> float:
@@ -970,6 +1004,7 @@ def measure(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> 
     out["growth"] = asyncio.run(
         growth(tmp / "growth.db", models, args.growth_requests, time.time(), args.seed)
     )
+    out["vacuum"] = vacuum(copy)
     log(f"retention: {args.bounded_days} more days, a prune after each")
     out["bounded"] = asyncio.run(bounded(copy, models, args.bounded_days, time.time(), args.seed))
     for suffix in ("", "-wal"):
@@ -1081,7 +1116,9 @@ ROWS: dict[str, tuple[str, str, float | None]] = {
     "store_year_mb": ("store, a year of history", "MB", None),
     "store_pruned_open_mb": ("after the prune: file + WAL, open", "MB", None),
     "store_used_mb": ("after the prune: pages in use", "MB", None),
-    "store_bounded_mb": ("after more days, a prune after each", "MB", None),
+    "store_vacuum_mb": ("then VACUUM (llmd does not run one)", "MB", None),
+    "store_vacuum_s": ("the VACUUM's time", "s", None),
+    "store_bounded_mb": ("then more days, a prune after each", "MB", None),
     "bytes_per_request": ("store growth per request", "B", None),
     "rss_mb_started": ("RSS after startup, {b} backends", "MB", 60.0),
     "rss_mb_4": ("RSS after the measurements and idle, {b} backends", "MB", 60.0),
@@ -1125,6 +1162,8 @@ def values(out: dict[str, Any]) -> dict[str, float]:
         "store_year_mb": st["before"]["file_bytes"] / mb,
         "store_pruned_open_mb": st["bytes_while_open_after_prune"] / mb,
         "store_used_mb": st["after"]["used_bytes"] / mb,
+        "store_vacuum_mb": out["vacuum"]["file_bytes"] / mb,
+        "store_vacuum_s": out["vacuum"]["seconds"],
         "store_bounded_mb": last["file_bytes"] / mb,
         "bytes_per_request": out["growth"]["bytes_per_request"],
         "rss_mb_started": run["rss_mb_started"],
