@@ -41,15 +41,16 @@ Measured, in this order:
    `/readyz` 200, and to the admin socket answering `GET /v1/status`) and RSS (the daemon's own
    process, not its children).
 5. daemon, year's store, default retention, --backends backends: startup; its first prune (the
-   store's loop starts with one) finishing, seen as `store.rows` in the admin status; two
-   models per backend loaded (those with the longest learned keep-alives, so that none unloads
-   while idle); `llmctl status` and `llmctl models` (the command's wall time, and separately
+   store's loop starts with one) finishing, seen as `store.rows` in the admin status; the two
+   busiest models of each backend loaded (a request each) and pinned, so that none unloads
+   while idle; `llmctl status` and `llmctl models` (the command's wall time, and separately
    the admin request over the Unix socket, without the interpreter's start), median of
    --repeats; `/metrics` on the proxy port (one kept-alive connection, as Prometheus scrapes),
    median and p99 of --scrapes, and its size; RSS; then its CPU over --idle-seconds with
    nothing sent to it: utime + stime of the daemon's process (its main thread's apart; its
    children's not counted, but those of the exited nvidia-smi runs are shown), and RSS again.
-6. the same daemon restarted on the pruned store (steady state): startup.
+6. the same daemon restarted --restarts times on the pruned store (steady state): startup,
+   the median.
 7. daemon with 1 backend holding every model, on a copy of the pruned store: startup, idle
    CPU and RSS as in 5.
 
@@ -62,7 +63,7 @@ Exit 0 when every measure was taken, whatever PASS or MISS; 1 when one could not
 
     .venv/bin/python bench/scale.py [--models 50] [--backends 4] [--days 365] [--json OUT]
         [--idle-seconds 60] [--repeats 20] [--scrapes 50] [--growth-requests 100000]
-        [--bounded-days 5] [--seed 1] [--profile DIR] [--keep]
+        [--bounded-days 5] [--restarts 3] [--seed 1] [--profile DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -820,35 +822,37 @@ def wait_pruned(d: Llmd, rows_before: int, timeout: float = 120) -> float:
     raise RuntimeError(f"the first prune did not finish in {timeout}s")
 
 
-def load_some(d: Llmd, per_backend: int) -> list[str]:
-    """Load the models with the longest learned keep-alives, per_backend on each backend, with a
-    request each; their names."""
-    _, body = admin_get(d, "/v1/models")
-    rows = json.loads(body)["models"]
-    chosen: list[str] = []
-    for b in {r["backend"] for r in rows}:
-        mine = sorted(
-            (r for r in rows if r["backend"] == b),
-            key=lambda r: -(r["keep_alive_s"] or 0),
-        )
-        chosen += [r["name"] for r in mine[:per_backend]]
-    for name in chosen:
-        embed = name.startswith("embed-")
-        path, body2 = (
-            ("/api/embed", {"model": name, "input": "warm"})
-            if embed
-            else ("/api/generate", {"model": name, "prompt": "warm", "stream": False})
-        )
-        conn = http.client.HTTPConnection("127.0.0.1", d.proxy_port, timeout=120)
-        try:
-            conn.request("POST", path, json.dumps(body2), {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            r.read()
-            if r.status != 200:
-                raise RuntimeError(f"loading {name}: HTTP {r.status}")
-        finally:
-            conn.close()
-    return sorted(chosen)
+def http_post(d: Llmd, path: str, body: dict[str, Any] | None, admin: bool = False) -> None:
+    """One POST to the proxy port or the admin socket; raises unless it is answered 200."""
+    conn: http.client.HTTPConnection = (
+        UnixHTTPConnection(d.socket, 120)
+        if admin
+        else http.client.HTTPConnection("127.0.0.1", d.proxy_port, timeout=120)
+    )
+    try:
+        data = None if body is None else json.dumps(body)
+        conn.request("POST", path, data, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        answer = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: HTTP {r.status}: {answer[:200]!r}")
+    finally:
+        conn.close()
+
+
+def load_and_pin(d: Llmd, models: list[Spec], per_backend: int) -> list[str]:
+    """Load the busiest `per_backend` models of each backend with a request each, then pin
+    them (`llmctl pin`), so that none unloads while the daemon idles; their names."""
+    chosen = []
+    for b in sorted({s.backend for s in models}):
+        chosen += [s for s in models if s.backend == b][:per_backend]
+    for s in chosen:
+        if s.embedding:
+            http_post(d, "/api/embed", {"model": s.name, "input": "warm"})
+        else:
+            http_post(d, "/api/generate", {"model": s.name, "prompt": "warm", "stream": False})
+        http_post(d, f"/v1/models/{urllib.parse.quote(s.name, safe='')}/pin", None, admin=True)
+    return sorted(s.name for s in chosen)
 
 
 def timed_cli(d: Llmd, args: list[str], repeats: int) -> list[float]:
@@ -1057,7 +1061,7 @@ def measure(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> 
             wait_pruned(d, kept["rows"])
         run["pruned_after_s"] = time.perf_counter() - t0
         run["rows_after_prune"] = status_doc(d)["store"]["rows"]
-        run["loaded"] = load_some(d, 2)
+        run["loaded"] = load_and_pin(d, models, 2)
         log(f"  loaded {', '.join(run['loaded'])}; timing llmctl and /metrics")
         run["status_cli_s"] = timed_cli(d, ["status"], args.repeats)
         run["models_cli_s"] = timed_cli(d, ["models"], args.repeats)
@@ -1068,10 +1072,12 @@ def measure(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> 
         run["rss_mb_measured"] = rss_mb(pid)
         run["idle"] = idle_phase(d, args, f"{args.backends}-backends", log)
         d.stop()
-        log("  restart on the pruned store")
-        run["restart"] = start_timed(d)
-        run["restart"]["rss_mb"] = rss_mb(d.proc.pid)
-        d.stop()
+        log(f"  {args.restarts} restarts on the pruned store")
+        run["restarts"] = []
+        for _ in range(args.restarts):
+            run["restarts"].append(start_timed(d))
+            run["restarts"][-1]["rss_mb"] = rss_mb(d.proc.pid)
+            d.stop()
     finally:
         cleanup(d)
     out["main"] = run
@@ -1082,7 +1088,7 @@ def measure(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> 
     d = daemon_run(tmp / "one", one, 1, steady)
     try:
         single: dict[str, Any] = {"startup": start(d, args)}
-        single["loaded"] = load_some(d, 2)
+        single["loaded"] = load_and_pin(d, one, 2)
         single["idle"] = idle_phase(d, args, "1-backend", log)
         d.stop()
     finally:
@@ -1108,7 +1114,7 @@ ROWS: dict[str, tuple[str, str, float | None]] = {
     "pruned_after_s": ("the same startup, first prune done", "s", None),
     "startup_year_kept_s": ("startup, year kept (retention 366 days)", "s", 2.0),
     "startup_year_kept_admin_s": ("the same, admin socket answering", "s", 2.0),
-    "startup_steady_s": ("startup, pruned store (steady state)", "s", 2.0),
+    "startup_steady_s": ("startup, pruned store (steady state), median", "s", 2.0),
     "startup_one_s": ("startup, 1 backend, pruned store", "s", 2.0),
     "sims_alone_one_s": ("the 1 simulator alone", "s", None),
     "store_open_s": ("store open, year's file (in-process)", "s", None),
@@ -1154,7 +1160,7 @@ def values(out: dict[str, Any]) -> dict[str, float]:
         "pruned_after_s": run["pruned_after_s"],
         "startup_year_kept_s": kept["ready_s"],
         "startup_year_kept_admin_s": kept["admin_s"],
-        "startup_steady_s": run["restart"]["ready_s"],
+        "startup_steady_s": med(r["ready_s"] for r in run["restarts"]),
         "startup_one_s": one["startup"]["ready_s"],
         "sims_alone_one_s": out["sims_alone_one_s"],
         "store_open_s": st["open_s"],
@@ -1206,6 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scrapes", type=int, default=50, help="/metrics timings (50)")
     ap.add_argument("--growth-requests", type=int, default=100_000)
     ap.add_argument("--bounded-days", type=int, default=5)
+    ap.add_argument("--restarts", type=int, default=3, help="steady-state startups (3)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, metavar="OUT")
     ap.add_argument(

@@ -51,6 +51,7 @@ def test_tiny_run_reports_every_measure(tmp_path: Path) -> None:
         "bench/scale.py",
         "--models", "5", "--backends", "2", "--days", "20", "--idle-seconds", "3",
         "--repeats", "3", "--scrapes", "5", "--growth-requests", "2000", "--bounded-days", "2",
+        "--restarts", "1",
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, *argv, "--json", str(out)],
@@ -71,6 +72,8 @@ def test_tiny_run_reports_every_measure(tmp_path: Path) -> None:
     raw = doc["raw"]
     assert raw["main"]["rows_after_prune"] < raw["year_kept"]["rows"]  # the prune happened
     assert raw["main"]["sources"].get("adaptive")
+    # Nothing happened while idle: the loaded models are pinned, no timer unloads them.
+    assert raw["main"]["idle"]["events"] == raw["one_backend"]["idle"]["events"] == []
     lines = proc.stdout.splitlines()
     assert lines[0] == "`python " + " ".join([*argv, "--json", str(out)]) + "`"
     assert sum(ln.startswith(("PASS ", "MISS ")) for ln in lines) == sum(
