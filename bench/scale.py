@@ -822,8 +822,10 @@ def wait_pruned(d: Llmd, rows_before: int, timeout: float = 120) -> float:
     raise RuntimeError(f"the first prune did not finish in {timeout}s")
 
 
-def http_post(d: Llmd, path: str, body: dict[str, Any] | None, admin: bool = False) -> None:
-    """One POST to the proxy port or the admin socket; raises unless it is answered 200."""
+def http_post(
+    d: Llmd, path: str, body: dict[str, Any] | None, admin: bool = False, method: str = "POST"
+) -> None:
+    """One request to the proxy port or the admin socket; raises unless it is answered 200."""
     conn: http.client.HTTPConnection = (
         UnixHTTPConnection(d.socket, 120)
         if admin
@@ -831,11 +833,11 @@ def http_post(d: Llmd, path: str, body: dict[str, Any] | None, admin: bool = Fal
     )
     try:
         data = None if body is None else json.dumps(body)
-        conn.request("POST", path, data, {"Content-Type": "application/json"})
+        conn.request(method, path, data, {"Content-Type": "application/json"})
         r = conn.getresponse()
         answer = r.read()
         if r.status != 200:
-            raise RuntimeError(f"POST {path}: HTTP {r.status}: {answer[:200]!r}")
+            raise RuntimeError(f"{method} {path}: HTTP {r.status}: {answer[:200]!r}")
     finally:
         conn.close()
 
@@ -853,6 +855,13 @@ def load_and_pin(d: Llmd, models: list[Spec], per_backend: int) -> list[str]:
             http_post(d, "/api/generate", {"model": s.name, "prompt": "warm", "stream": False})
         http_post(d, f"/v1/models/{urllib.parse.quote(s.name, safe='')}/pin", None, admin=True)
     return sorted(s.name for s in chosen)
+
+
+def unpin(d: Llmd, names: list[str]) -> None:
+    """`llmctl unpin` each: pins are kept in the store, which the next daemons start from."""
+    for name in names:
+        path = f"/v1/models/{urllib.parse.quote(name, safe='')}/pin"
+        http_post(d, path, None, admin=True, method="DELETE")
 
 
 def timed_cli(d: Llmd, args: list[str], repeats: int) -> list[float]:
@@ -1071,6 +1080,7 @@ def measure(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> 
         run["metrics_s"], run["metrics_bytes"] = timed_metrics(d, args.scrapes)
         run["rss_mb_measured"] = rss_mb(pid)
         run["idle"] = idle_phase(d, args, f"{args.backends}-backends", log)
+        unpin(d, run["loaded"])
         d.stop()
         log(f"  {args.restarts} restarts on the pruned store")
         run["restarts"] = []
