@@ -428,8 +428,8 @@ def parse_smi_apps(text: str) -> list[ProcessUsage]:
 APPS_EVERY_S = 30.0
 """How often the nvidia-smi probe asks for the compute processes. They are only shown (in
 `llmctl status --json`), and each query is one more nvidia-smi run: ~1.5 ms of llmd's CPU and
-tens of ms of nvidia-smi's own. The pressure check reads the GPUs every [gpu] interval (2 s);
-half of an idle llmd's CPU went on spawning nvidia-smi twice for each reading."""
+tens of ms of nvidia-smi's own. The pressure check reads the GPUs every [gpu] interval (2 s),
+and two spawns per reading were the largest part of an idle llmd's CPU."""
 
 
 class NvidiaSmiProbe(_BaseProbe):
