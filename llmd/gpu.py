@@ -425,6 +425,13 @@ def parse_smi_apps(text: str) -> list[ProcessUsage]:
     return processes
 
 
+APPS_EVERY_S = 30.0
+"""How often the nvidia-smi probe asks for the compute processes. They are only shown (in
+`llmctl status --json`), and each query is one more nvidia-smi run: ~1.5 ms of llmd's CPU and
+tens of ms of nvidia-smi's own. The pressure check reads the GPUs every [gpu] interval (2 s),
+and two spawns per reading were the largest part of an idle llmd's CPU."""
+
+
 class NvidiaSmiProbe(_BaseProbe):
     """Reads memory by running `nvidia-smi` CSV queries as a subprocess with a timeout."""
 
@@ -443,6 +450,8 @@ class NvidiaSmiProbe(_BaseProbe):
         self._runner = runner
         self._timeout_s = timeout_s
         self._apps_error: str | None = None
+        self._apps_at: float | None = None  # when the process list was last asked for
+        self._processes: list[ProcessUsage] = []
 
     async def _query(self, args: Sequence[str]) -> str:
         argv = [*self._command, *args]
@@ -468,6 +477,10 @@ class NvidiaSmiProbe(_BaseProbe):
             return self._snapshot(error=str(e))
         if not devices:
             return self._snapshot(error=f"{self._command[0]} listed no GPUs")
+        now = self._clock()
+        if self._apps_at is not None and 0 <= now - self._apps_at < APPS_EVERY_S:
+            return self._snapshot(devices, self._processes)
+        self._apps_at = now
         processes: list[ProcessUsage] = []
         apps_error = None
         try:
@@ -477,6 +490,7 @@ class NvidiaSmiProbe(_BaseProbe):
         if apps_error != self._apps_error and apps_error is not None and self.log_errors:
             log.warning("gpu probe nvidia-smi: no process list: %s", apps_error)
         self._apps_error = apps_error
+        self._processes = processes
         return self._snapshot(devices, processes)
 
 

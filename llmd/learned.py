@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from llmd.policy import IdleHistogram
 
 DAY_S = 86400.0
+HISTORY_DAYS = 14
+"""UTC days of idle gaps the policy learns from, today included: what idle_histogram merges,
+and all of them that memory keeps (the database keeps daemon.retention_days of them)."""
 LOAD_S_WEIGHT = 0.3  # weight of the newest load in the load time's moving average
 
 
@@ -77,7 +80,7 @@ class Learned:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+    def idle_histogram(self, model: str, days: int = HISTORY_DAYS) -> IdleHistogram:
         """The model's idle gaps over the last `days` UTC days, today included."""
         now = self._clock()
         today = utc_day(now)
@@ -232,6 +235,17 @@ class Learned:
         self._dirty_facts |= set(self.facts)
         self._dirty_pins |= self.pinned
         self._dirty_baselines |= set(self.baselines)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything changed since the last take_changes()."""
+        return bool(
+            self._dirty_hists
+            or self._dirty_busy
+            or self._dirty_facts
+            or self._dirty_pins
+            or self._dirty_baselines
+        )
 
     def take_changes(self) -> Changes:
         """What changed since the last take, now counted as written; put_back() if it was not."""

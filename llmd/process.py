@@ -28,6 +28,10 @@ BACKOFF_MAX_S = 60.0
 # A run shorter than this counts as a fast failure; this many in a row make the child FATAL.
 FAST_FAILURE_S = 10.0
 FATAL_AFTER = 5
+# Most time between readiness probes of a starting child (after 0.05 s, 0.1 s...): a child is
+# found ready at most this long after it answers. Each probe is one refused connection or one
+# GET /; backing off to 0.5 s made llmd's start up to 0.5 s later than its slowest child's.
+READY_POLL_S = 0.1
 # A client's wait before retrying a child that is starting, draining or not answering.
 RETRY_AFTER_S = 5
 # Marks every child in its environment, so a later llmd can recognise stale children.
@@ -448,7 +452,7 @@ class Child:
             if await self._probe():
                 return True
             await asyncio.wait([exited], timeout=delay)
-            delay = min(delay * 2, 0.5)
+            delay = min(delay * 2, READY_POLL_S)
         return False
 
     async def _watch(self, proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> str:

@@ -20,12 +20,13 @@ from urllib.parse import quote
 
 import aiosqlite
 
-from llmd.learned import DAY_S, Learned, ModelFacts, utc_day
+from llmd.learned import DAY_S, HISTORY_DAYS, Learned, ModelFacts, utc_day
 from llmd.policy import IdleHistogram
 
 log = logging.getLogger("llmd.store")
 
 CACHE_KIB = 256  # SQLite's page cache (PRAGMA cache_size): writes are appends, reads are rare
+PRUNE_BATCH = 20_000  # rows a prune deletes per transaction (see prune)
 
 SCHEMA_VERSION = 3
 
@@ -309,7 +310,7 @@ class Store:
 
     # -- reading (synchronous, from memory) -------------------------------------------------
 
-    def idle_histogram(self, model: str, days: int = 14) -> IdleHistogram:
+    def idle_histogram(self, model: str, days: int = HISTORY_DAYS) -> IdleHistogram:
         """The model's idle gaps over the last `days` UTC days, today included."""
         # The daemon asks as a model goes idle, right after its last request was recorded:
         # count that request's gap now rather than at the next flush.
@@ -453,6 +454,11 @@ class Store:
                 await self._close_db()
             if self._db is None and not await self._connect():
                 return False
+            idle = not (self._unwritten or self._events or self.learned.changed)
+            if idle and self.degraded is None:
+                # Nothing to write: an idle llmd flushes every second and must not wake the
+                # database (and its thread) each time for an empty transaction.
+                return True
             return await self._write()
 
     async def prune(self) -> None:
@@ -460,7 +466,16 @@ class Store:
         now = self._clock()
         cutoff = now - self.retention_days * DAY_S
         first_day = utc_day(now - (self.retention_days - 1) * DAY_S)
-        self.learned.prune(cutoff, first_day)
+        self.learned.prune(cutoff, self._first_day_in_memory(now))
+        # Requests and events go PRUNE_BATCH rows per transaction: each commit lets SQLite
+        # checkpoint the write-ahead log and start it over, and lets flushes in between. In one
+        # transaction, pruning a long history (a lowered retention_days) grew the log by all
+        # it deleted, and the log file keeps its largest size until llmd stops.
+        for table in ("requests", "events"):
+            while (deleted := await self._prune_batch(table, cutoff)) == PRUNE_BATCH:
+                pass
+            if deleted is None:
+                return
         async with self._lock:
             db = self._db
             if db is None or self.degraded is not None or self._closed:
@@ -468,8 +483,6 @@ class Store:
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    await db.execute("DELETE FROM requests WHERE time < ?", (cutoff,))
-                    await db.execute("DELETE FROM events WHERE time < ?", (cutoff,))
                     await db.execute("DELETE FROM idle_histograms WHERE day < ?", (first_day,))
                     await db.execute("DELETE FROM idle_rollup WHERE busy_until < ?", (cutoff,))
                     await db.execute("COMMIT")
@@ -479,6 +492,31 @@ class Store:
                 (self._rows,) = (await _fetchall(db, "SELECT count(*) FROM requests"))[0]
             except Exception as exc:
                 await self._failed(exc)
+
+    async def _prune_batch(self, table: str, cutoff: float) -> int | None:
+        """Delete up to PRUNE_BATCH rows of `table` older than cutoff in one transaction; how
+        many, or None when the database cannot be written now."""
+        async with self._lock:
+            db = self._db
+            if db is None or self.degraded is not None or self._closed:
+                return None
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    async with db.execute(
+                        f"DELETE FROM {table} WHERE id IN"
+                        f" (SELECT id FROM {table} WHERE time < ? LIMIT ?)",
+                        (cutoff, PRUNE_BATCH),
+                    ) as cur:
+                        deleted = cur.rowcount
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await self._rollback(db)
+                    raise
+            except Exception as exc:
+                await self._failed(exc)
+                return None
+        return deleted
 
     async def close(self) -> None:
         """Write what is pending and close the database."""
@@ -523,6 +561,12 @@ class Store:
         if excess > 0:
             self._count_drops(excess)
         return merged
+
+    def _first_day_in_memory(self, now: float) -> str:
+        """The oldest UTC day whose idle-gap histograms memory holds: those the policy reads,
+        within retention. A longer retention keeps older days in the database only: a year of
+        them would cost tens of MB of memory at 50 models, and be read at every start."""
+        return utc_day(now - (min(self.retention_days, HISTORY_DAYS) - 1) * DAY_S)
 
     def _roll_up(self) -> None:
         """Count the idle gaps that new requests close, and move them on to be written."""
@@ -676,7 +720,7 @@ class Store:
             self.learned.mark_all_changed()
             self._rows = rows
             return
-        first_day = utc_day(self._clock() - (self.retention_days - 1) * DAY_S)
+        first_day = self._first_day_in_memory(self._clock())
         hist_rows = await _fetchall(
             db, "SELECT model, day, histogram FROM idle_histograms WHERE day >= ?", (first_day,)
         )

@@ -154,6 +154,23 @@ async def test_smi_probe_reads_devices_and_processes() -> None:
     ]
 
 
+async def test_smi_probe_asks_for_processes_every_apps_every_s() -> None:
+    """The compute processes (shown in status only) are asked for at most every APPS_EVERY_S;
+    the readings between (a pressure check every [gpu] interval) run the device query alone,
+    one nvidia-smi instead of two, and carry the last process list."""
+    now = [100.0]
+    runner = FakeRunner(CommandResult(0, GPU_CSV, ""), CommandResult(0, "4242, 1024\n", ""))
+    probe = NvidiaSmiProbe(runner=runner, clock=lambda: now[0])
+    queries = []
+    for t in (100.0, 102.0, 100.0 + gpu.APPS_EVERY_S - 1, 100.0 + gpu.APPS_EVERY_S):
+        now[0] = t
+        runner.calls.clear()
+        snap = await probe.read()
+        assert snap.processes == [ProcessUsage(4242, None, 1024 * MiB)]
+        queries.append(["--query-compute-apps" in argv[-2] for argv, _ in runner.calls])
+    assert queries == [[False, True], [False], [False], [False, True]]
+
+
 @pytest.mark.parametrize(
     ("answer", "error"),
     [

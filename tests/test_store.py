@@ -207,6 +207,63 @@ async def test_prune_forgets_rows_events_and_histograms_past_retention(opener, d
     assert s.status()["rows"] == 1
 
 
+async def test_prune_of_a_long_history_keeps_the_write_ahead_log_small(
+    opener, db_path, clock, monkeypatch
+):
+    """A prune deletes in transactions of at most PRUNE_BATCH rows, so the write-ahead log
+    is checkpointed as it goes instead of growing by everything deleted (a year of history
+    at 50 models made it 500 MB, kept until llmd stopped), and flushes may run in between."""
+    monkeypatch.setattr(store_module, "PRUNE_BATCH", 2_000)
+    s = await opener(retention_days=2)
+    await s.close()
+    old = [(T0 - 30 * DAY_S + i, "m", "/api/chat", 200, 1.0, 0, f"{i:016x}") for i in range(20_000)]
+    with sqlite3.connect(db_path) as conn:
+        conn.executemany(
+            "INSERT INTO requests (time, model, endpoint, status, duration_s, waited_for_load,"
+            " request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            old,
+        )
+        conn.executemany(
+            "INSERT INTO events (time, kind, model, reason) VALUES (?, 'load', 'm', 'x')",
+            [(t,) for t, *_ in old],
+        )
+    conn.close()
+    s = await opener(retention_days=2)
+    s.record_request(req(clock.t))
+    assert await s.flush()
+    await s._db.execute("PRAGMA wal_autocheckpoint = 50")  # 200 KiB: the data is ~5 MB
+    statements: list[str] = []
+    await s._db.set_trace_callback(statements.append)
+    await s.prune()
+    assert statements.count("BEGIN IMMEDIATE") >= 20  # 10 batches of each table at least
+    assert side(db_path, "-wal").stat().st_size < 1_000_000
+    assert s.status()["rows"] == 1
+    assert query(db_path, "SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_memory_holds_only_the_days_the_policy_reads(opener, db_path, clock):
+    """With retention_days beyond the policy's 14 days, older day histograms stay in the
+    database but not in memory: not read at open, and dropped from memory by a prune (a year
+    of them cost ~20 MB of RSS at 50 models); what the policy reads is the same."""
+    s = await opener(retention_days=365)
+    for day in (30, 13, 0):  # a gap on each of three days: 30, 13 and 0 days ago
+        t = clock.t - day * DAY_S
+        s.record_request(req(t - 100))
+        s.record_request(req(t))
+    await s.flush()
+    recent = s.idle_histogram("m").to_dict()
+    # Days 13 and 0; each one's first request ends a gap of weeks, out of the histogram's range.
+    assert recent == hist(99, 99, 1000 * DAY_S, 1000 * DAY_S)
+    await s.prune()
+    assert len(s.learned.hists["m"]) == 2
+    await s.close()
+    assert query(db_path, "SELECT count(*) FROM idle_histograms") == [(3,)]
+
+    s2 = await opener(retention_days=365)
+    assert len(s2.learned.hists["m"]) == 2
+    assert s2.idle_histogram("m").to_dict() == recent
+
+
 async def test_events_newest_first_with_filters(opener, clock):
     """events() lists newest first, unwritten ones included, filtered by model and since."""
     s = await opener()
@@ -287,6 +344,42 @@ async def test_run_flushes_each_interval_and_on_stop(opener, db_path):
     stop.set()
     await task
     assert query(db_path, "SELECT count(*) FROM requests") == [(2,)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "nothing",
+        "request",
+        "event",
+        "pin",
+        "facts",
+        "baselines",
+    ],
+)
+async def test_flush_touches_the_database_only_with_something_to_write(opener, change):
+    """An idle flush (nothing recorded or learned since the last one) runs no SQL at all: an
+    idle llmd flushes every second. Anything new is written as before."""
+    s = await opener()
+    s.record_request(req(T0))
+    assert await s.flush()
+    statements: list[str] = []
+    await s._db.set_trace_callback(statements.append)
+    if change == "request":
+        s.record_request(req(T0 + 100))
+    elif change == "event":
+        s.record_event("load", model="m")
+    elif change == "pin":
+        s.learned.set_pin("m", True)  # as set_pin does, without its own flush
+    elif change == "facts":
+        s.learned.set_model_facts("m", 7, 7, 1.0)
+    elif change == "baselines":
+        s.set_baselines("m", {"ttft": [0.1]})
+    assert await s.flush()
+    if change == "nothing":
+        assert statements == []
+    else:
+        assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
 
 
 async def test_corrupt_database_is_moved_aside_and_replaced(opener, db_path, caplog):
