@@ -130,11 +130,7 @@ def bare_proxy(upstream: str, workdir: Path) -> Iterator[tuple[str, list[int]]]:
         wait_http(url)
         yield url, [proc.pid]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, signal.SIGINT)
 
 
 NGINX_CONF = """
@@ -185,11 +181,16 @@ def nginx(upstream_port: int, workdir: Path) -> Iterator[tuple[str, list[int]]]:
         pids = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children()]
         yield url, pids
     finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, signal.SIGQUIT)  # nginx's graceful stop
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Stop a front with `sig`, killing it if it has not gone within 10 s."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def start_from(d: Llmd, src: Path, timeout: float = 30) -> None:
