@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from llmd import __version__, metrics
+from llmd import __version__, derived, metrics
 from llmd.backends import Backends
 from llmd.config import Config
 from llmd.connlimit import Connections, open_file_limit
@@ -27,7 +27,7 @@ from llmd.lifecycle import EventSink, Lifecycle
 from llmd.models import LoadError, Model, MState, explain_keep_alive, policy_inputs
 from llmd.process import Child
 from llmd.proxy import Proxy
-from llmd.scheduler import Scheduler
+from llmd.scheduler import QueueStats, Scheduler
 from llmd.store import Store
 
 log = logging.getLogger("llmd.admin")
@@ -113,6 +113,9 @@ class Admin:
         self._control = control
         self._latency = latency
         self._counters = counters  # the /metrics counters: tokens generated per model
+        # The node's model sets as /metrics last showed them, and since when (unix time).
+        self._models_seen: tuple[tuple[str, ...], tuple[str, ...], int] | None = None
+        self._models_since = 0.0
 
     def configure(self, cfg: Config) -> None:
         """Take a reloaded config."""
@@ -463,6 +466,7 @@ class Admin:
     def metrics_snapshot(self) -> metrics.Snapshot:
         """The gauges /metrics shows, as plain data."""
         models = sorted(self.lifecycle.models.values(), key=lambda m: m.name)
+        queues = self.scheduler.stats()
         snap = self.lifecycle.memory.snapshot
         lat = self._latency
         return metrics.Snapshot(
@@ -510,11 +514,56 @@ class Admin:
                     q.swaps,
                     self.scheduler.max_queue(q.name),
                 )
-                for q in self.scheduler.stats()
+                for q in queues
             ],
             queue_waits=self.scheduler.waits,
             batches=self.scheduler.batches,
             store_degraded=self.store.degraded is not None,
+            node=self._node(queues),
+        )
+
+    def _names(self, name: str) -> list[str]:
+        """The names a request may give for a model: its own, its aliases, and the name without
+        a ":latest" tag (what the endpoint picker matches a request's `model` against)."""
+        mc = self.cfg.model(name)
+        names = [name, *(mc.aliases if mc else ())]
+        if name.endswith(":latest"):
+            names.append(name.removesuffix(":latest"))
+        return names
+
+    def _node(self, queues: list[QueueStats]) -> metrics.NodeGauges:
+        """The node's gauges for the model-server protocol (metrics.NodeGauges)."""
+        records = [m for m in self.lifecycle.models.values() if not derived.is_derived(m.name)]
+        resident = {m.name for m in records if m.state is MState.LOADED}
+        loading = {m.name for m in records if m.state is MState.LOADING} - resident
+        awaited = {q.name for q in queues if q.waiting} - resident
+        running = tuple(sorted({n for name in resident for n in self._names(name)}))
+        waiting = tuple(
+            sorted({n for name in loading | awaited for n in self._names(name)} - set(running))
+        )
+        # Another model fits if one configured, not resident, would be admitted now.
+        candidates = [
+            (conf.name, placed)
+            for conf in self.cfg.models
+            if conf.name not in resident
+            for placed in conf.backends or (self.cfg.backends[0].name,)
+        ]
+        spare = bool(candidates) and self.lifecycle.memory.fits_another(records, candidates)
+        most = len(running) + len(waiting) + int(spare)
+        seen = (running, waiting, most)
+        if seen != self._models_seen:
+            self._models_seen, self._models_since = seen, time.time()
+        warm = resident | loading
+        slots = sum(q.limit for q in queues if q.name in warm)
+        busy = sum(q.running for q in queues)
+        return metrics.NodeGauges(
+            waiting=sum(q.waiting for q in queues),
+            running=busy,
+            cache_usage=min(1.0, busy / slots) if slots else 0.0,
+            running_models=running,
+            waiting_models=waiting,
+            max_models=most,
+            changed_at=self._models_since,
         )
 
 

@@ -29,6 +29,8 @@ OPEN, INFERENCE, MANAGE = "open", "inference", "manage"
 def authorize(p: ProxyConfig, request: web.Request) -> ProxyError | None:
     """None if the request's key (if any is needed) allows it, else the 401 or 403."""
     need = permission(request.method, request.path)
+    if p.open_metrics and request.path == "/metrics" and request.method in ("GET", "HEAD"):
+        need = OPEN
     if need == OPEN or not p.keyed:
         return None
     given = _bearer(request.headers.get("Authorization", ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -158,6 +159,8 @@ class ProxyConfig:
     # Inference and read-only listing only.
     inference_keys: tuple[str, ...] = ()
     allow_unauthenticated: bool = False
+    # GET /metrics without a key, for scrapers that cannot send one (the endpoint picker).
+    open_metrics: bool = False
     # None ("auto"): derived from the open-file limit at start (connlimit.connection_cap).
     max_connections: int | None = None
     idle_timeout: float = 60.0
@@ -500,8 +503,9 @@ def _read_dataclass(file: Path, prefix: str, table: object, cls: type[T], **conv
     return cls(**kwargs)
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate the config file; raise ConfigError naming the first problem."""
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file, with the keys the environment adds (KEY_VARIABLES);
+    raise ConfigError naming the first problem."""
     file = Path(path)
     try:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -513,7 +517,32 @@ def load(path: str | Path) -> Config:
         raise ConfigError(file, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "", f"invalid TOML: {e}") from None
+    _keys_from_environment(raw, file, os.environ if environ is None else environ)
     return from_dict(raw, file)
+
+
+# Keys that may come from the environment (a container's or a Kubernetes Secret's), added to
+# the file's: a config file in a ConfigMap or an image need not hold secrets.
+KEY_VARIABLES = {"LLMD_API_KEYS": "api_keys", "LLMD_INFERENCE_KEYS": "inference_keys"}
+
+
+def _keys_from_environment(raw: dict[str, Any], file: Path, environ: Mapping[str, str]) -> None:
+    """Add LLMD_API_KEYS and LLMD_INFERENCE_KEYS (comma-separated) to [proxy]'s key lists."""
+    for var, key in KEY_VARIABLES.items():
+        text = environ.get(var, "")
+        if not text.strip():
+            continue
+        keys = [k.strip() for k in text.split(",") if k.strip()]
+        if any(len(k) < 8 for k in keys):
+            raise ConfigError(
+                file, "", f"${var}: expected comma-separated keys of at least 8 characters"
+            )
+        proxy = raw.setdefault("proxy", {})
+        if not isinstance(proxy, dict):
+            return  # from_dict names the malformed [proxy]
+        given = proxy.get(key, [])
+        if isinstance(given, list):  # else from_dict names the malformed list
+            proxy[key] = [*given, *(k for k in keys if k not in given)]
 
 
 def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
@@ -544,6 +573,7 @@ def from_dict(raw: dict[str, Any], file: Path = Path("<config>")) -> Config:
         api_keys=_api_keys,
         inference_keys=_api_keys,
         allow_unauthenticated=_bool,
+        open_metrics=_bool,
         max_connections=_max_connections,
         idle_timeout=_positive_duration,
         header_timeout=_positive_duration,

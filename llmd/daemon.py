@@ -536,9 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--config",
         type=Path,
-        default=config.DEFAULT_PATH,
+        default=Path(os.environ.get("LLMD_CONFIG") or config.DEFAULT_PATH),
         metavar="PATH",
-        help=f"config file (default {config.DEFAULT_PATH})",
+        help=f"config file (default $LLMD_CONFIG or {config.DEFAULT_PATH}); $LLMD_API_KEYS and "
+        "$LLMD_INFERENCE_KEYS (comma-separated) add to its keys",
     )
     ap.add_argument(
         "--check-config",

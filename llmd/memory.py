@@ -223,6 +223,24 @@ class Memory:
             room = min(room, int(OLLAMA_PREFLIGHT * free))
         return max(room, 0)
 
+    def fits_another(
+        self, models: Collection[Model], candidates: Iterable[tuple[str, str]]
+    ) -> bool:
+        """Whether one of the candidate (name, backend) models, not resident, would fit now
+        without an eviction, by what is known of its footprint. True without a GPU reading:
+        llmd cannot tell that the node is full."""
+        snap = self.snapshot
+        if snap is None or not snap.devices:
+            return True
+        for name, backend in candidates:
+            child = self._backends.children.get(backend)
+            known = self.known_footprint(name, None, backend)
+            if child is None or known is None or not known.bytes:
+                continue
+            if known.bytes <= self._room(self.devices_of(child, snap), child, models):
+                return True
+        return False
+
     def release(self, key: str) -> None:
         """A load admitted earlier (of the model record with this key) has finished or failed:
         the probe now sees what it took."""

@@ -91,6 +91,23 @@ class QueueGauges:
 
 
 @dataclass(frozen=True)
+class NodeGauges:
+    """The whole node as a model server, the way Kubernetes' inference extension reads one (its
+    model-server protocol; deploy/README.md): one series each, no model label, since the
+    endpoint picker reads a single sample per metric name."""
+
+    waiting: int  # requests waiting in llmd's queues, every model
+    running: int  # requests holding a slot: running at a child, or waiting for their load
+    # The protocol's KV-cache utilisation, approximated as busy slots / slots of the models
+    # loaded or loading (each slot of an Ollama runner holds a preallocated context).
+    cache_usage: float
+    running_models: tuple[str, ...]  # names a request may use for a resident model
+    waiting_models: tuple[str, ...]  # models loading, or with requests waiting for a load
+    max_models: int  # running + waiting, plus 1 if another model fits without an eviction
+    changed_at: float  # unix time the three above last changed
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The state /metrics shows besides the counters, as plain data (built by the admin layer)."""
 
@@ -101,6 +118,7 @@ class Snapshot:
     queue_waits: Histogram | None = None  # seconds from arrival to start, per model
     batches: Histogram | None = None  # requests started per turn, per model
     store_degraded: bool = False  # the store cannot save (serving from memory)
+    node: NodeGauges | None = None
 
 
 class Histogram:
@@ -311,6 +329,8 @@ def families(c: Metrics, snap: Snapshot) -> Iterator[Family]:
         (((b.name,), b.restarts) for b in snap.backends),
     )
     yield from _queues(snap)
+    if snap.node is not None:
+        yield from _node(snap.node)
     yield _gauge(
         "llmd_gpu_memory_used_bytes",
         "GPU memory in use, all programs.",
@@ -406,6 +426,42 @@ def _queues(snap: Snapshot) -> Iterator[Family]:
             "Requests a model started in one turn before it made way for another.",
             snap.batches,
         )
+
+
+def _node(n: NodeGauges) -> Iterator[Family]:
+    """The model-server protocol's gauges (engineConfigs in deploy/kubernetes maps them)."""
+    yield _gauge(
+        "llmd_node_requests_waiting",
+        "Requests waiting in llmd's queues, all models (the protocol's TotalQueuedRequests).",
+        (),
+        [((), n.waiting)],
+    )
+    yield _gauge(
+        "llmd_node_requests_running",
+        "Requests holding a slot, all models (the protocol's TotalRunningRequests).",
+        (),
+        [((), n.running)],
+    )
+    yield _gauge(
+        "llmd_node_cache_usage_ratio",
+        "Busy slots / slots of the models loaded or loading, 0 to 1 (the protocol's "
+        "KVCacheUtilization: each slot holds a preallocated context).",
+        (),
+        [((), n.cache_usage)],
+    )
+    yield _gauge(
+        "llmd_node_models_info",
+        "Models resident (running_models) and loading or awaited (waiting_models), and how "
+        "many the node can hold without an eviction (max_models), as the protocol's LoRA info "
+        "gauge; the value is the unix time they last changed.",
+        ("max_models", "running_models", "waiting_models"),
+        [
+            (
+                (str(n.max_models), ",".join(n.running_models), ",".join(n.waiting_models)),
+                n.changed_at,
+            )
+        ],
+    )
 
 
 class LlmdCollector(Collector):

@@ -276,6 +276,61 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert "proxy.listen" in r.stderr and "HOST:PORT" in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "environ", "api", "inference"),
+    [
+        # Added to the file's keys, trimmed, empties dropped, a key already there not doubled.
+        (
+            '[proxy]\napi_keys = ["file-key-1"]',
+            {"LLMD_API_KEYS": " env-key-1 ,file-key-1,, "},
+            ("file-key-1", "env-key-1"),
+            (),
+        ),
+        ("", {"LLMD_INFERENCE_KEYS": "app-key-1,app-key-2"}, (), ("app-key-1", "app-key-2")),
+        ("", {"LLMD_API_KEYS": "  "}, (), ()),  # set but empty: nothing
+    ],
+)
+def test_keys_from_the_environment(
+    tmp_path: Path, text: str, environ: dict[str, str], api: tuple[str, ...], inference: Any
+) -> None:
+    p = tmp_path / "llmd.toml"
+    p.write_text(text)
+    cfg = config.load(p, environ)
+    assert (cfg.proxy.api_keys, cfg.proxy.inference_keys) == (api, inference)
+
+
+def test_keys_from_the_environment_are_checked_like_the_files(tmp_path: Path) -> None:
+    """A short key names its variable; a key in both lists is refused; and keys from the
+    environment are what lets a pod's config listen on 0.0.0.0 without holding secrets."""
+    p = tmp_path / "llmd.toml"
+    p.write_text('[proxy]\nlisten = "0.0.0.0:11434"\n')
+    with pytest.raises(ConfigError, match=r"\$LLMD_INFERENCE_KEYS: .*at least 8"):
+        config.load(p, {"LLMD_INFERENCE_KEYS": "good-key-1,short"})
+    with pytest.raises(ConfigError, match=r"proxy\.inference_keys.*also in proxy\.api_keys"):
+        config.load(p, {"LLMD_API_KEYS": "same-key-1", "LLMD_INFERENCE_KEYS": "same-key-1"})
+    with pytest.raises(ConfigError, match="reachable from other machines"):
+        config.load(p, {})
+    assert config.load(p, {"LLMD_API_KEYS": "admin-key-1"}).proxy.keyed
+    # `llmd --check-config` and the daemon read the same environment, and LLMD_CONFIG names
+    # the file `llmd` reads without --config.
+    env = {"PATH": "/usr/bin:/bin", "LLMD_API_KEYS": "admin-key-1", "LLMD_CONFIG": str(p)}
+    ok = subprocess.run(
+        [sys.executable, "-m", "llmd.daemon", "--check-config", str(p)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert ok.returncode == 0, ok.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "llmd.daemon", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert '"0.0.0.0:11434"' in shown.stdout and "admin-key-1" in shown.stdout
+
+
 GiB, MiB = 1024**3, 1024**2
 
 

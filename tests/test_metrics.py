@@ -146,6 +146,37 @@ def test_queue_limits_and_the_store_are_gauges() -> None:
     assert s[series("llmd_store_degraded")] == 1
 
 
+def test_the_node_is_one_series_per_gauge_with_its_models_as_lists() -> None:
+    """The model-server protocol's gauges: a single unlabelled sample each (the endpoint picker
+    reads one sample per name), and the model sets as comma-separated label values."""
+    node = M.NodeGauges(
+        waiting=4,
+        running=2,
+        cache_usage=0.5,
+        running_models=("code", "qwen2.5-coder:7b"),
+        waiting_models=("llama3.1:8b",),
+        max_models=4,
+        changed_at=1_790_000_000.5,
+    )
+    snap = M.Snapshot(models=[], backends=[], gpus=[], node=node)
+    text = page(M.Metrics(), snap)[0]
+    s = parse_metrics(text)
+    assert s[series("llmd_node_requests_waiting")] == 4
+    assert s[series("llmd_node_requests_running")] == 2
+    assert s[series("llmd_node_cache_usage_ratio")] == 0.5
+    info = series(
+        "llmd_node_models_info",
+        max_models="4",
+        running_models="code,qwen2.5-coder:7b",
+        waiting_models="llama3.1:8b",
+    )
+    assert s[info] == 1_790_000_000.5
+    assert len([k for k in s if k.startswith("llmd_node_")]) == 4
+    assert "# TYPE llmd_node_models_info gauge" in text
+    # Without a node reading (an older snapshot), no family at all rather than zeros.
+    assert "llmd_node_" not in page(M.Metrics())[0]
+
+
 def test_label_values_are_escaped_and_read_back() -> None:
     odd = 'a "quoted" \\ name\nwith a newline'
     counters = M.Metrics()
@@ -200,6 +231,7 @@ def odd_snapshot(extra_model: bool) -> tuple[M.Metrics, M.Snapshot]:
         queue_waits=waits,
         batches=batches,
         store_degraded=True,
+        node=M.NodeGauges(3, 1, 0.25, (ODD, "b"), ("c:latest", "c"), 5, 1_790_000_000.123),
     )
     return counters, snap
 

@@ -52,6 +52,11 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmd_gpu_power_watts": ("gauge", ("gpu",)),
     "llmd_gpu_power_limit_watts": ("gauge", ("gpu",)),
     "llmd_store_degraded": ("gauge", ()),  # new
+    # The node as Kubernetes' endpoint picker reads a model server (issue 14).
+    "llmd_node_requests_waiting": ("gauge", ()),
+    "llmd_node_requests_running": ("gauge", ()),
+    "llmd_node_cache_usage_ratio": ("gauge", ()),
+    "llmd_node_models_info": ("gauge", ("max_models", "running_models", "waiting_models")),
 }
 
 
@@ -82,6 +87,9 @@ def expected(per_model: dict[str, int]) -> tuple[dict[str, float], set[str]]:
         series("llmd_model_loaded", model=TINY, backend="b0"): 1,
         series("llmd_model_loaded", model=TINY2, backend="b1"): 1,
         series("llmd_store_degraded"): 0,
+        series("llmd_node_requests_waiting"): 0,
+        series("llmd_node_requests_running"): 0,
+        series("llmd_node_cache_usage_ratio"): 0,
     }
     present = {
         series("llmd_gpu_memory_used_bytes", gpu="0"),
@@ -89,6 +97,14 @@ def expected(per_model: dict[str, int]) -> tuple[dict[str, float], set[str]]:
         series("llmd_gpu_utilization_percent", gpu="0"),
         series("llmd_gpu_temperature_celsius", gpu="0"),
         series("llmd_gpu_power_watts", gpu="0"),
+        # Both configured models resident, none other to load: the node holds 2. The value is
+        # the time the set last changed.
+        series(
+            "llmd_node_models_info",
+            max_models=str(len(per_model)),
+            running_models=",".join(sorted(per_model)),
+            waiting_models="",
+        ),
     }
     values[series("llmd_gpu_power_limit_watts", gpu="0")] = 450
     for m, n in per_model.items():

@@ -1,0 +1,201 @@
+"""llmd as a model server of Kubernetes' inference extension, end to end: /metrics scraped under
+load and read the way the endpoint picker reads it (llm-d-router's core-metrics-extractor with
+the `llmd` engineConfigs entry of deploy/kubernetes), and the OpenAI routes the protocol needs.
+
+The picker takes one sample per metric name (the first, without timestamps), so each node gauge
+must be a single series; the LoRA-info gauge's labels are comma-separated model names, trimmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from llmdproc import Llmd, parse_metrics
+
+TINY, TINY2 = "tiny:1m", "tiny:2m"
+STALL = {"OLLAMA_SIM_FAULTS": "stall_stream=2"}
+# The engineConfigs entry deploy/kubernetes gives the endpoint picker for llmd.
+ENGINE = {
+    "queuedRequestsSpec": "llmd_node_requests_waiting",
+    "runningRequestsSpec": "llmd_node_requests_running",
+    "kvUsageSpec": "llmd_node_cache_usage_ratio",
+    "loraSpec": "llmd_node_models_info",
+}
+
+Factory = Callable[..., Llmd]
+
+
+@dataclass
+class Endpoint:
+    """What the picker's extractor keeps of one scrape (its endpoint metrics)."""
+
+    waiting: int
+    running: int
+    kv_usage: float
+    active: set[str]
+    waiting_models: set[str]
+    max_models: int
+    updated: float  # the LoRA-info sample's value
+
+
+def page(d: Llmd) -> str:
+    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def read_as_picker(text: str) -> Endpoint:
+    """One scrape as the extractor reads it, checking the protocol's types on the way: every
+    mapped family is a gauge with exactly one sample."""
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            samples.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+    for name in ENGINE.values():
+        assert types.get(name) == "gauge", (name, types.get(name))
+        assert len(samples[name]) == 1, (name, samples[name])
+    (one,) = samples[ENGINE["loraSpec"]]
+    labels, updated = one
+
+    def names(csv: str) -> set[str]:
+        return {n.strip() for n in csv.split(",") if n.strip()}
+
+    return Endpoint(
+        waiting=int(samples[ENGINE["queuedRequestsSpec"]][0][1]),
+        running=int(samples[ENGINE["runningRequestsSpec"]][0][1]),
+        kv_usage=samples[ENGINE["kvUsageSpec"]][0][1],
+        active=names(labels["running_models"]),
+        waiting_models=names(labels["waiting_models"]),
+        max_models=int(labels["max_models"]),
+        updated=updated,
+    )
+
+
+def scrape(d: Llmd) -> tuple[Endpoint, dict[str, float]]:
+    text = page(d)
+    return read_as_picker(text), parse_metrics(text)
+
+
+def per_model_sum(s: dict[str, float], family: str) -> float:
+    return sum(v for k, v in s.items() if k.startswith(family + "{"))
+
+
+@asynccontextmanager
+async def held(session: aiohttp.ClientSession, url: str, model: str) -> AsyncIterator[None]:
+    """A streamed generate holding one of the model's slots until the block ends."""
+    body = {"model": model, "prompt": "hold", "stream": True}
+    async with session.post(url + "/api/generate", json=body) as r:
+        assert r.status == 200, await r.text()
+        await r.content.readline()
+        yield
+
+
+async def until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await asyncio.to_thread(cond)
+        if v:
+            return v
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_the_node_gauges_under_load_read_as_the_endpoint_picker_reads_them(
+    daemon: Factory,
+) -> None:
+    d = daemon(
+        backend_extra=[{"env": STALL, "num_parallel": 2}],
+        models=[{"name": TINY, "aliases": ["code"]}, {"name": TINY2}],
+    ).start()
+    idle, _ = scrape(d)
+    assert (idle.waiting, idle.running, idle.kv_usage) == (0, 0, 0.0)
+    assert idle.active == idle.waiting_models == set()
+    # Nothing resident, and the configured models fit: the node can take one more.
+    assert idle.max_models == 1
+    async with aiohttp.ClientSession() as s:
+        async with held(s, d.url, TINY), held(s, d.url, TINY):
+            body = {"model": TINY, "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+            queued = [
+                asyncio.create_task(s.post(d.url + "/api/generate", json=body)) for _ in range(3)
+            ]
+            busy = await until(lambda: scrape(d)[0].waiting == 3 and scrape(d), what="3 queued")
+            ep, series = busy
+            # Both slots of the one resident model are busy: the cache approximation is full.
+            assert (ep.waiting, ep.running, ep.kv_usage) == (3, 2, 1.0)
+            # The node totals are the per-model queues summed.
+            assert ep.waiting == per_model_sum(series, "llmd_queue_waiting")
+            assert ep.running == per_model_sum(series, "llmd_queue_running")
+            # The model is advertised under every name a request may use for it.
+            assert ep.active == {TINY, "code"}
+            assert ep.waiting_models == set()
+            # Two names resident, and tiny:2m would still fit: room for one more.
+            assert ep.max_models == 3
+            assert idle.updated < ep.updated <= time.time()
+        for t in queued:
+            r = await t
+            assert r.status == 200, await r.text()
+            r.release()
+    calm = await until(lambda: (e := scrape(d)[0]).running == 0 and e, what="idle again")
+    assert (calm.waiting, calm.kv_usage) == (0, 0.0)
+    assert calm.updated == ep.updated  # the model sets did not change since
+
+
+async def test_every_served_model_answers_both_openai_routes_and_joins_the_advertised_set(
+    daemon: Factory,
+) -> None:
+    """The protocol needs OpenAI Completions and Chat for every model a node advertises; a
+    model being loaded is advertised as waiting, then as running."""
+    slow_load = {"OLLAMA_SIM_SPEED": "0.1"}  # tiny's 0.2 s load takes 2 s
+    d = daemon(backend_extra=[{"env": slow_load}], models=[{"name": TINY}, {"name": TINY2}])
+    d.start()
+    async with aiohttp.ClientSession() as s:
+        for model in (TINY, TINY2):
+            chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            first = asyncio.create_task(s.post(d.url + "/v1/chat/completions", json=chat))
+            loading = await until(
+                lambda m=model: m in scrape(d)[0].waiting_models and scrape(d)[0], what="load"
+            )
+            assert model not in loading.active
+            async with await first as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["choices"][0]["message"]["role"] == "assistant"
+            done = {"model": model, "prompt": "once upon", "max_tokens": 3}
+            async with s.post(d.url + "/v1/completions", json=done) as r:
+                assert r.status == 200, await r.text()
+                doc = await r.json()
+                assert doc["object"] == "text_completion" and doc["choices"][0]["text"]
+            ep, _ = scrape(d)
+            assert model in ep.active and model not in ep.waiting_models
+    ep, _ = scrape(d)
+    assert ep.active == {TINY, TINY2}
+    # Every configured model resident: nothing else for the node to load.
+    assert ep.max_models == 2
+
+
+async def test_metrics_may_be_open_while_everything_else_needs_a_key(daemon: Factory) -> None:
+    """proxy.open_metrics lets a scraper without a key (the endpoint picker) read /metrics;
+    inference still needs one. Keys may come from the environment (LLMD_INFERENCE_KEYS)."""
+    key = "app-key-0123456789"
+    d = daemon(models=[{"name": TINY}], sections={"proxy": {"open_metrics": True}})
+    d.env["LLMD_INFERENCE_KEYS"] = f" {key} , "
+    d.start()
+    assert read_as_picker(page(d)).active == set()
+    async with aiohttp.ClientSession() as s:
+        body = {"model": TINY, "prompt": "x", "stream": False}
+        async with s.post(d.url + "/api/generate", json=body) as r:
+            assert r.status == 401
+        auth = {"Authorization": f"Bearer {key}"}
+        async with s.post(d.url + "/api/generate", json=body, headers=auth) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(d.url + "/metrics", headers={}) as r:
+            assert r.status == 401  # only GET and HEAD are open
