@@ -162,9 +162,12 @@ async def test_every_served_model_answers_both_openai_routes_and_joins_the_adver
         for model in (TINY, TINY2):
             chat = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
             first = asyncio.create_task(s.post(d.url + "/v1/chat/completions", json=chat))
-            loading = await until(
-                lambda m=model: m in scrape(d)[0].waiting_models and scrape(d)[0], what="load"
-            )
+
+            def awaited(m: str = model) -> Endpoint | None:
+                ep = scrape(d)[0]
+                return ep if m in ep.waiting_models else None
+
+            loading = await until(awaited, what=f"{model} advertised as waiting")
             assert model not in loading.active
             async with await first as r:
                 assert r.status == 200, await r.text()
