@@ -9,41 +9,23 @@ must be a single series; the LoRA-info gauge's labels are comma-separated model 
 from __future__ import annotations
 
 import asyncio
-import re
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from llmdproc import Llmd, parse_metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from multinode import Endpoint, read_endpoint
+
 TINY, TINY2 = "tiny:1m", "tiny:2m"
 STALL = {"OLLAMA_SIM_FAULTS": "stall_stream=2"}
-# The engineConfigs entry deploy/kubernetes gives the endpoint picker for llmd.
-ENGINE = {
-    "queuedRequestsSpec": "llmd_node_requests_waiting",
-    "runningRequestsSpec": "llmd_node_requests_running",
-    "kvUsageSpec": "llmd_node_cache_usage_ratio",
-    "loraSpec": "llmd_node_models_info",
-}
-
 Factory = Callable[..., Llmd]
-
-
-@dataclass
-class Endpoint:
-    """What the picker's extractor keeps of one scrape (its endpoint metrics)."""
-
-    waiting: int
-    running: int
-    kv_usage: float
-    active: set[str]
-    waiting_models: set[str]
-    max_models: int
-    updated: float  # the LoRA-info sample's value
 
 
 def page(d: Llmd) -> str:
@@ -51,39 +33,11 @@ def page(d: Llmd) -> str:
         return str(r.read().decode())
 
 
-def read_as_picker(text: str) -> Endpoint:
-    """One scrape as the extractor reads it, checking the protocol's types on the way: every
-    mapped family is a gauge with exactly one sample."""
-    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if m:
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            samples.setdefault(m.group(1), []).append((labels, float(m.group(3))))
-    for name in ENGINE.values():
-        assert types.get(name) == "gauge", (name, types.get(name))
-        assert len(samples[name]) == 1, (name, samples[name])
-    (one,) = samples[ENGINE["loraSpec"]]
-    labels, updated = one
-
-    def names(csv: str) -> set[str]:
-        return {n.strip() for n in csv.split(",") if n.strip()}
-
-    return Endpoint(
-        waiting=int(samples[ENGINE["queuedRequestsSpec"]][0][1]),
-        running=int(samples[ENGINE["runningRequestsSpec"]][0][1]),
-        kv_usage=samples[ENGINE["kvUsageSpec"]][0][1],
-        active=names(labels["running_models"]),
-        waiting_models=names(labels["waiting_models"]),
-        max_models=int(labels["max_models"]),
-        updated=updated,
-    )
-
-
 def scrape(d: Llmd) -> tuple[Endpoint, dict[str, float]]:
+    """The page as the picker reads it (bench/multinode.py's reader: one gauge sample per
+    mapped name, the model lists split on commas), and every series."""
     text = page(d)
-    return read_as_picker(text), parse_metrics(text)
+    return read_endpoint(text), parse_metrics(text)
 
 
 def per_model_sum(s: dict[str, float], family: str) -> float:
@@ -192,7 +146,7 @@ async def test_metrics_may_be_open_while_everything_else_needs_a_key(daemon: Fac
     d = daemon(models=[{"name": TINY}], sections={"proxy": {"open_metrics": True}})
     d.env["LLMD_INFERENCE_KEYS"] = f" {key} , "
     d.start()
-    assert read_as_picker(page(d)).active == set()
+    assert read_endpoint(page(d)).active == set()
     async with aiohttp.ClientSession() as s:
         body = {"model": TINY, "prompt": "x", "stream": False}
         async with s.post(d.url + "/api/generate", json=body) as r:
