@@ -74,6 +74,8 @@ ENGINE = {
     "kvUsageSpec": "llmd_node_cache_usage_ratio",
     "loraSpec": "llmd_node_models_info",
 }
+# The labels the picker's extractor reads from the LoRA-info sample, by these fixed names.
+LORA_LABELS = ("max_lora", "running_lora_adapters", "waiting_lora_adapters")
 SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -97,8 +99,8 @@ class Endpoint:
 
 def read_endpoint(text: str) -> Endpoint:
     """A /metrics page as the picker's extractor reads it: each mapped family must be a gauge
-    with one sample (the extractor takes one sample per name); the LoRA-info labels are
-    comma-separated names, trimmed."""
+    with one sample (the extractor takes one sample per name); the LoRA-info labels, read by
+    their fixed names (extractor.go), are comma-separated names, trimmed."""
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for line in text.splitlines():
@@ -119,13 +121,16 @@ def read_endpoint(text: str) -> Endpoint:
         return frozenset(n.strip() for n in csv.split(",") if n.strip())
 
     labels, updated = samples[ENGINE["loraSpec"]][0]
+    missing = sorted(set(LORA_LABELS) - set(labels))
+    if missing:
+        raise ProtocolError(f"{ENGINE['loraSpec']}: no label {', '.join(missing)}")
     return Endpoint(
         waiting=int(one("queuedRequestsSpec")),
         running=int(one("runningRequestsSpec")),
         kv_usage=one("kvUsageSpec"),
-        active=names(labels.get("running_models", "")),
-        waiting_models=names(labels.get("waiting_models", "")),
-        max_models=int(labels.get("max_models", "0")),
+        active=names(labels["running_lora_adapters"]),
+        waiting_models=names(labels["waiting_lora_adapters"]),
+        max_models=int(labels["max_lora"]),
         updated=updated,
     )
 

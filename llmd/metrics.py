@@ -451,10 +451,11 @@ def _node(n: NodeGauges) -> Iterator[Family]:
     )
     yield _gauge(
         "llmd_node_models_info",
-        "Models resident (running_models) and loading or awaited (waiting_models), and how "
-        "many the node can hold without an eviction (max_models), as the protocol's LoRA info "
-        "gauge; the value is the unix time they last changed.",
-        ("max_models", "running_models", "waiting_models"),
+        "Models resident (running_lora_adapters) and loading or awaited "
+        "(waiting_lora_adapters), and how many the node can hold without an eviction "
+        "(max_lora): the protocol's LoRA info gauge, whose label names the endpoint picker "
+        "reads as they are; the value is the unix time they last changed.",
+        ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
         [
             (
                 (str(n.max_models), ",".join(n.running_models), ",".join(n.waiting_models)),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from llmd.childapi import ChildAPI, ChildAPIError
-from llmd.config import BackendConfig
+from llmd.config import KEY_VARIABLES, BackendConfig
 from llmd.transitions import guard
 
 log = logging.getLogger("llmd.process")
@@ -129,8 +129,9 @@ def stat_state(stat: bytes) -> str | None:
 
 
 def child_env(cfg: BackendConfig, instance: str, base: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a backend's child: llmd's fixed settings, then the backend's env."""
-    env = dict(base)
+    """The environment of a backend's child: llmd's fixed settings, then the backend's env.
+    llmd's API keys from the environment stay with llmd: a child has no use for them."""
+    env = {k: v for k, v in base.items() if k not in KEY_VARIABLES}
     env.update(
         {
             "OLLAMA_HOST": f"127.0.0.1:{cfg.port}",

@@ -66,7 +66,8 @@ def test_the_reader_refuses_what_the_picker_could_not_read() -> None:
         "# TYPE llmd_node_requests_running gauge\nllmd_node_requests_running 1.0\n"
         "# TYPE llmd_node_cache_usage_ratio gauge\nllmd_node_cache_usage_ratio 0.5\n"
         "# TYPE llmd_node_models_info gauge\n"
-        'llmd_node_models_info{max_models="3",running_models="a, b",waiting_models=""} 7.0\n'
+        'llmd_node_models_info{max_lora="3",running_lora_adapters="a, b",'
+        'waiting_lora_adapters=""} 7.0\n'
     )
     got = mn.read_endpoint(good)
     assert (got.waiting, got.running, got.kv_usage, got.max_models) == (2, 1, 0.5, 3)
@@ -77,6 +78,10 @@ def test_the_reader_refuses_what_the_picker_could_not_read() -> None:
         mn.read_endpoint(good + 'llmd_node_requests_running{model="a"} 1.0\n')
     with pytest.raises(mn.ProtocolError, match="expected a gauge"):
         mn.read_endpoint("")
+    # The picker reads the LoRA-info labels by their fixed names: others are models it never
+    # sees.
+    with pytest.raises(mn.ProtocolError, match="running_lora_adapters"):
+        mn.read_endpoint(good.replace("running_lora_adapters", "running_models"))
 
 
 def test_trace_is_seeded_and_follows_the_popularity() -> None:

@@ -166,9 +166,9 @@ def test_the_node_is_one_series_per_gauge_with_its_models_as_lists() -> None:
     assert s[series("llmd_node_cache_usage_ratio")] == 0.5
     info = series(
         "llmd_node_models_info",
-        max_models="4",
-        running_models="code,qwen2.5-coder:7b",
-        waiting_models="llama3.1:8b",
+        max_lora="4",
+        running_lora_adapters="code,qwen2.5-coder:7b",
+        waiting_lora_adapters="llama3.1:8b",
     )
     assert s[info] == 1_790_000_000.5
     assert len([k for k in s if k.startswith("llmd_node_")]) == 4

@@ -56,7 +56,10 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "llmd_node_requests_waiting": ("gauge", ()),
     "llmd_node_requests_running": ("gauge", ()),
     "llmd_node_cache_usage_ratio": ("gauge", ()),
-    "llmd_node_models_info": ("gauge", ("max_models", "running_models", "waiting_models")),
+    "llmd_node_models_info": (
+        "gauge",
+        ("max_lora", "running_lora_adapters", "waiting_lora_adapters"),
+    ),
 }
 
 
@@ -101,9 +104,9 @@ def expected(per_model: dict[str, int]) -> tuple[dict[str, float], set[str]]:
         # the time the set last changed.
         series(
             "llmd_node_models_info",
-            max_models=str(len(per_model)),
-            running_models=",".join(sorted(per_model)),
-            waiting_models="",
+            max_lora=str(len(per_model)),
+            running_lora_adapters=",".join(sorted(per_model)),
+            waiting_lora_adapters="",
         ),
     }
     values[series("llmd_gpu_power_limit_watts", gpu="0")] = 450

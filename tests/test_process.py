@@ -95,6 +95,14 @@ def test_child_env_sets_llmd_owned_settings() -> None:
     assert "CUDA_VISIBLE_DEVICES" not in child_env(BackendConfig(name="x", port=1), "i", {})
 
 
+def test_child_env_keeps_llmds_keys_from_the_child() -> None:
+    """Keys given to llmd in its environment (a Kubernetes Secret's) never reach `ollama`."""
+    base = {"PATH": "/bin", "LLMD_API_KEYS": "admin-key-1", "LLMD_INFERENCE_KEYS": "app-key-1"}
+    env = child_env(BackendConfig(name="x", port=1), "i", base)
+    assert env["PATH"] == "/bin"
+    assert not {"LLMD_API_KEYS", "LLMD_INFERENCE_KEYS"} & set(env)
+
+
 async def test_missing_binary_is_fatal_with_clear_message(session: aiohttp.ClientSession) -> None:
     """A command that is not on PATH is FATAL at once, saying how to fix it."""
     b = BackendConfig(name="t", port=free_port(), command=("ollama-nonexistent-xyz", "serve"))
