@@ -533,6 +533,44 @@ def test_pull_script_is_the_same_in_both_deployments() -> None:
     assert out.returncode == 0, out.stderr
 
 
+FAKE_OLLAMA = """#!/bin/sh
+# serve runs until killed; show knows the models listed in $STORE/present; pull records.
+case "$1" in
+serve) exec sleep 60 ;;
+list) exit 0 ;;
+show) grep -qx "$2" "$STORE/present" ;;
+pull) echo "$2" >> "$STORE/pulled" ;;
+*) exit 2 ;;
+esac
+"""
+
+
+def test_pull_script_pulls_only_missing_models(tmp_path: Path) -> None:
+    """pull-models.sh pulls each [[model]] of the config that `ollama show` does not know, in
+    the config's order, and leaves present ones alone."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ollama"
+    fake.write_text(FAKE_OLLAMA, encoding="utf-8")
+    fake.chmod(0o755)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (tmp_path / "present").write_text("llama3.1:8b\n", encoding="utf-8")
+    config = tmp_path / "llmd.toml"
+    config.write_text(llmd_toml(), encoding="utf-8")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STORE=str(tmp_path))
+    out = subprocess.run(
+        ["sh", str(COMPOSE / "pull-models.sh"), str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    pulled = (tmp_path / "pulled").read_text(encoding="utf-8").split()
+    assert pulled == ["qwen2.5-coder:7b", "mistral:7b"]
+    assert "llama3.1:8b is present" in out.stdout
+
+
 def test_endpoint_picker_config(base: list[dict[str, Any]]) -> None:
     """The EPP config maps llmd's metrics, uses known plugins, and every reference resolves;
     the picker serves the pool that names it."""
