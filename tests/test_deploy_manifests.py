@@ -397,7 +397,8 @@ def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
-    (c,) = [c for c in pod_spec(obj)["containers"] if c["name"] == name]
+    found: list[dict[str, Any]] = [c for c in pod_spec(obj)["containers"] if c["name"] == name]
+    (c,) = found
     return c
 
 
@@ -546,8 +547,8 @@ esac
 
 
 def test_pull_script_pulls_only_missing_models(tmp_path: Path) -> None:
-    """pull-models.sh pulls each [[model]] of the config that `ollama show` does not know, in
-    the config's order, and leaves present ones alone."""
+    """pull-models.sh creates the model store, pulls each [[model]] of the config that
+    `ollama show` does not know, in the config's order, and leaves present ones alone."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "ollama"
@@ -557,7 +558,12 @@ def test_pull_script_pulls_only_missing_models(tmp_path: Path) -> None:
     (tmp_path / "present").write_text("llama3.1:8b\n", encoding="utf-8")
     config = tmp_path / "llmd.toml"
     config.write_text(llmd_toml(), encoding="utf-8")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STORE=str(tmp_path))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        STORE=str(tmp_path),
+        OLLAMA_MODELS=str(tmp_path / "models"),
+    )
     out = subprocess.run(
         ["sh", str(COMPOSE / "pull-models.sh"), str(config)],
         capture_output=True,
@@ -569,6 +575,7 @@ def test_pull_script_pulls_only_missing_models(tmp_path: Path) -> None:
     pulled = (tmp_path / "pulled").read_text(encoding="utf-8").split()
     assert pulled == ["qwen2.5-coder:7b", "mistral:7b"]
     assert "llama3.1:8b is present" in out.stdout
+    assert (tmp_path / "models").is_dir()
 
 
 def test_endpoint_picker_config(base: list[dict[str, Any]]) -> None:

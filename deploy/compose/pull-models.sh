@@ -7,6 +7,7 @@
 # Usage: pull-models.sh [CONFIG]; OLLAMA_MODELS must be the store llmd's backends use.
 set -eu
 config=${1:-/etc/llmd/llmd.toml}
+mkdir -p "${OLLAMA_MODELS:?set OLLAMA_MODELS to the backends' model store}"
 # A private ollama on its own loopback port: llmd is not running yet.
 export OLLAMA_HOST=127.0.0.1:11499
 ollama serve >/tmp/pull-models-ollama.log 2>&1 &
