@@ -446,6 +446,7 @@ def test_llmd_pod(base: list[dict[str, Any]]) -> None:
     spec = pod_spec(ds)
     c = container(ds, "llmd")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["args"] == ["--config", "/etc/llmd/llmd.toml"]
     assert c["ports"] == [{"name": "http", "containerPort": 11434, "protocol": "TCP"}]
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
@@ -456,6 +457,8 @@ def test_llmd_pod(base: list[dict[str, Any]]) -> None:
     assert set(env) == {"LLMD_API_KEYS", "LLMD_INFERENCE_KEYS"}
     assert {r["name"] for r in env.values()} == {"llmd-keys"}
     assert spec["securityContext"]["runAsNonRoot"] is True
+    # The Containerfile's llmd user.
+    assert spec["securityContext"]["runAsUser"] == 11434
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert mounts == {
