@@ -65,7 +65,7 @@ MODELS = (
     (TaskModel("summarise:7b", 5, 4680, 28, 4, 128, 3584, 3.0, 50, 32, rate=0), 0.20),
     (TaskModel("classify:3b", 5, 2020, 28, 8, 128, 3072, 1.5, 90, 32, rate=0), 0.10),
 )
-# The scheduling profile of deploy/kubernetes/endpoint-picker.yaml.
+# The scheduling profile of deploy/kubernetes/base/endpoint-picker-config.yaml.
 WEIGHTS = {"queue-scorer": 1.0, "kv-cache-utilization-scorer": 1.0, "lora-affinity-scorer": 2.0}
 # The `llmd` engineConfigs entry (the same file).
 ENGINE = {

@@ -115,3 +115,20 @@ def test_short_run_reports_both_arms(tmp_path: Path) -> None:
     rr = data["arms"]["round-robin"]["per_node"]
     assert max(rr) - min(rr) <= 1  # round-robin is what it says
     assert "| picker |" in proc.stdout and "| round-robin |" in proc.stdout
+
+
+def test_the_rehearsal_scores_with_the_shipped_picker_config() -> None:
+    """The weights and metric names the rehearsal uses are those of the EndpointPickerConfig
+    in deploy/kubernetes, so its numbers are about what ships."""
+    import yaml
+
+    path = ROOT / "deploy/kubernetes/base/endpoint-picker-config.yaml"
+    config = yaml.safe_load(yaml.safe_load(path.read_text())["data"]["epp-config.yaml"])
+    (profile,) = config["schedulingProfiles"]
+    weights = {p["pluginRef"]: p["weight"] for p in profile["plugins"] if "weight" in p}
+    assert weights == mn.WEIGHTS
+    picker = [p["pluginRef"] for p in profile["plugins"] if "weight" not in p]
+    assert picker == ["max-score-picker"]
+    (extractor,) = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"]
+    (engine,) = extractor["parameters"]["engineConfigs"]
+    assert engine == {"name": "llmd", **mn.ENGINE}
