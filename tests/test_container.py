@@ -5,8 +5,8 @@ expansion) and checks what a broken image would hide until someone runs it: COPY
 are missing from the build context (the tree's top), `--from` naming no earlier stage, a root
 USER, a HEALTHCHECK that is not /readyz, the proxy port not exposed, an image config that does
 not listen on every address or keeps models outside every VOLUME, a base image defaulting to a
-registry host or an unpinned tag. Mutations of the real
-file show that each check catches what it is for.
+registry host or an unpinned tag. Mutations of the real file show that each check catches what
+it is for.
 
 The build test runs as root where podman is installed (`apt-get install podman runc`; `.ci/run`
 installs them), offline as far as registries go: the base image is the system test's cached
@@ -410,8 +410,9 @@ def _build_skip_reason() -> str | None:
         return "LLMD_SYSTEM_TEST=0"
     if os.geteuid() != 0:
         return "needs root (podman with a private store)"
-    if shutil.which("podman") is None:
-        return "needs podman (apt-get install podman runc)"
+    missing = [t for t in ("podman", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        return f"needs {' and '.join(missing)} (apt-get install podman runc debootstrap)"
     return None
 
 
@@ -589,6 +590,12 @@ def test_runs_serves_and_stops(image: tuple[Podman, str], tmp_path: Path) -> Non
     (sim / "gpu.json").write_text(json.dumps(SIM_GPU))
     for p in (sim, sim / "gpu.json"):
         os.chown(p, uid, uid)
+    # The image's HEALTHCHECK command, run as a runtime runs it (exec in the container). Not
+    # `podman healthcheck run`: that needs the container run with a healthcheck timer, which
+    # podman makes as a systemd unit calling podman without this test's private store.
+    test = inspect(podman, "image", tag, "{{json .HealthCheck.Test}}")
+    assert test[0] == "CMD", test
+    probe = test[1:]
     port = free_port()
     name = f"llmd-test-{os.getpid()}"
     start = time.monotonic()
@@ -596,6 +603,7 @@ def test_runs_serves_and_stops(image: tuple[Podman, str], tmp_path: Path) -> Non
         "run",
         "--detach",
         f"--name={name}",
+        "--no-healthcheck",
         *podman.ulimits,
         f"--publish=127.0.0.1:{port}:{PORT}",
         f"--volume={conf}:{CONFIG_IN_IMAGE}:ro",
@@ -612,7 +620,7 @@ def test_runs_serves_and_stops(image: tuple[Podman, str], tmp_path: Path) -> Non
     try:
         with step("podman run until the HEALTHCHECK passes"):
             deadline = time.monotonic() + 60
-            while podman.run("healthcheck", "run", name, check=False).returncode != 0:
+            while podman.run("exec", name, *probe, check=False).returncode != 0:
                 assert time.monotonic() < deadline, f"never healthy\n{logs()}"
                 time.sleep(0.3)
         print(f"[system] healthy {time.monotonic() - start:.1f}s after run", file=sys.stderr)
