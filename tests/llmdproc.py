@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -12,11 +13,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import tomli_w
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
@@ -334,3 +337,25 @@ def scrape(d: Llmd) -> dict[str, float]:
     """llmd's /metrics (the Prometheus text format), parsed."""
     with urllib.request.urlopen(d.url + "/metrics", timeout=30) as r:
         return parse_metrics(r.read().decode())
+
+
+@asynccontextmanager
+async def held(session: aiohttp.ClientSession, url: str, model: str) -> AsyncIterator[None]:
+    """A streamed generate that holds one of the model's slots until the block ends."""
+    body = {"model": model, "prompt": "hold", "stream": True}
+    async with session.post(url + "/api/generate", json=body) as r:
+        assert r.status == 200, await r.text()
+        await r.content.readline()  # the first chunk: it is running
+        yield
+    # Leaving closes the connection: the child sees the client go and frees the slot.
+
+
+async def until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll a blocking check (llmctl, /metrics) off the loop until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = await asyncio.to_thread(cond)
+        if v:
+            return v
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -12,13 +12,11 @@ import asyncio
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from llmdproc import Llmd, parse_metrics
+from llmdproc import Llmd, held, parse_metrics, until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from multinode import Endpoint, read_endpoint
@@ -42,26 +40,6 @@ def scrape(d: Llmd) -> tuple[Endpoint, dict[str, float]]:
 
 def per_model_sum(s: dict[str, float], family: str) -> float:
     return sum(v for k, v in s.items() if k.startswith(family + "{"))
-
-
-@asynccontextmanager
-async def held(session: aiohttp.ClientSession, url: str, model: str) -> AsyncIterator[None]:
-    """A streamed generate holding one of the model's slots until the block ends."""
-    body = {"model": model, "prompt": "hold", "stream": True}
-    async with session.post(url + "/api/generate", json=body) as r:
-        assert r.status == 200, await r.text()
-        await r.content.readline()
-        yield
-
-
-async def until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await asyncio.to_thread(cond)
-        if v:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def test_the_node_gauges_under_load_read_as_the_endpoint_picker_reads_them(

@@ -16,8 +16,8 @@ from typing import Any
 
 import aiohttp
 import ollama
-from llmdproc import Llmd, pull
-from test_scheduler_e2e import STALL, Factory, generate_body, held, post, until
+from llmdproc import Llmd, held, pull, until
+from test_scheduler_e2e import STALL, Factory, generate_body, post
 
 TINY = "tiny:1m"
 TWO_GPUS = [

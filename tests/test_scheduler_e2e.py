@@ -11,15 +11,14 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import ollama
 import openai
 import pytest
-from llmdproc import Llmd, pull, wait_for
+from llmdproc import Llmd, held, pull, until, wait_for
 
 TINY = "tiny:1m"
 STALL = {"OLLAMA_SIM_FAULTS": "stall_stream=2"}
@@ -29,17 +28,6 @@ Factory = Callable[..., Llmd]
 
 def generate_body(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "prompt": "hi", "stream": False, "options": {"num_predict": 4}, **extra}
-
-
-@asynccontextmanager
-async def held(session: aiohttp.ClientSession, url: str, model: str) -> AsyncIterator[None]:
-    """A streamed generate that holds one of the model's slots until the block ends."""
-    body = {"model": model, "prompt": "hold", "stream": True}
-    async with session.post(url + "/api/generate", json=body) as r:
-        assert r.status == 200, await r.text()
-        await r.content.readline()  # the first chunk: it is running
-        yield
-    # Leaving closes the connection: the child sees the client go and frees the slot.
 
 
 async def post(
@@ -62,17 +50,6 @@ def metric(d: Llmd, name: str, **labels: str) -> float:
     with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
         m = pat.search(r.read().decode())
     return float(m.group(1)) if m else 0.0
-
-
-async def until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll a blocking check (llmctl, /metrics) off the loop until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = await asyncio.to_thread(cond)
-        if v:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def test_one_request_runs_the_rest_wait_in_order_and_a_gone_client_leaves(
