@@ -434,6 +434,7 @@ class Admin:
                     "priority": inputs.priority,
                     "pinned": inputs.pinned,
                     "aliases": list(mc.aliases) if mc else [],
+                    "tasks": list(mc.tasks) if mc else [],
                     "keep_alive_s": ka.keep_alive_s if ka else None,
                     "keep_alive_source": ka.source if ka else None,
                     "keep_alive_samples": ka.samples if ka else 0,

@@ -45,9 +45,12 @@ def json_response(body: Any, status: int = 200, **kw: Any) -> web.Response:
 
 
 def error_response(request: web.Request, e: ProxyError) -> web.Response:
-    """Ollama's error shape on native paths; OpenAI's on /v1, as Ollama itself answers."""
+    """Ollama's error shape on native paths; OpenAI's on /v1, as Ollama itself answers; and
+    FastAPI's on /infer, the task router llmd stands in for (llmd.infer)."""
     body: dict[str, Any]
-    if request.path.startswith("/v1/"):
+    if request.path == "/infer":
+        body = {"detail": e.message}
+    elif request.path.startswith("/v1/"):
         kind = {
             400: "invalid_request_error",
             401: "authentication_error",

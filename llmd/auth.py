@@ -22,7 +22,7 @@ OPENAI_INFERENCE = (
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 # Paths an inference key may use: they run or describe a model. Model management (pull, push,
 # create, copy, delete, blobs) and any other write need a key from proxy.api_keys.
-INFERENCE_PATHS = frozenset((*NATIVE_INFERENCE, *OPENAI_INFERENCE, "/api/show"))
+INFERENCE_PATHS = frozenset((*NATIVE_INFERENCE, *OPENAI_INFERENCE, "/api/show", "/infer"))
 OPEN, INFERENCE, MANAGE = "open", "inference", "manage"
 
 

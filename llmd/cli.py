@@ -113,6 +113,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
                 _mib(m["size_vram"] or None),
                 f"{_secs(m['keep_alive_s'])} ({basis})",
                 "-" if m.get("expires_in_s") is None else _secs(m["expires_in_s"]),
+                ",".join(m.get("tasks") or ()) or "-",
             ]
         )
     return table(
@@ -127,6 +128,7 @@ def render_models(models: list[dict[str, Any]]) -> str:
             "VRAM",
             "KEEP-ALIVE",
             "UNLOAD IN",
+            "TASKS",
         ],
         rows,
     )

@@ -251,6 +251,9 @@ class ModelConfig:
     # None: follow [keep_alive] policy; "adaptive": learned; a number: fixed seconds.
     keep_alive: float | str | None = None
     aliases: tuple[str, ...] = ()
+    # Tasks this model serves: a request may name "task:code" (or send X-LLMD-Task: code)
+    # instead of the model, and POST /infer takes {"task": "code"}.
+    tasks: tuple[str, ...] = ()
     preempt: bool = False
     allow_cpu_spill: bool = False
     # Runner options the model is loaded with; requests asking for others are served as is.
@@ -332,6 +335,14 @@ class Config:
     @functools.cached_property
     def _aliases(self) -> dict[str, str]:
         return {a: m.name for m in self.models for a in m.aliases}
+
+    def tasks(self) -> dict[str, str]:
+        """Task -> canonical model name (one dict per config: do not change it)."""
+        return self._tasks
+
+    @functools.cached_property
+    def _tasks(self) -> dict[str, str]:
+        return {t: m.name for m in self.models for t in m.tasks}
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -723,6 +734,7 @@ def _read_model(file: Path, i: int, table: object) -> ModelConfig:
         preload=sec.get("preload", False, _bool),
         keep_alive=sec.get("keep_alive", None, _model_keep_alive),
         aliases=sec.get("aliases", (), _str_list),
+        tasks=sec.get("tasks", (), _tasks),
         preempt=sec.get("preempt", False, _bool),
         allow_cpu_spill=sec.get("allow_cpu_spill", False, _bool),
         options=sec.get("options", {}, _runner_options),
@@ -768,6 +780,25 @@ def _backend_list(v: object) -> tuple[str, ...]:
     if not names:
         raise ValueError('expected at least one backend name, such as ["gpu0", "gpu1"]')
     dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if dup is not None:
+        raise ValueError(f"{dup!r} is listed twice")
+    return names
+
+
+# How a request names a task where it would name a model ("task:code").
+TASK_PREFIX = "task:"
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _tasks(v: object) -> tuple[str, ...]:
+    names = _str_list(v)
+    for t in names:
+        if not _TASK_NAME.fullmatch(t):
+            raise ValueError(
+                f"{t!r} is not a task name: letters, digits, '_', '.' and '-', starting with a "
+                'letter or digit, at most 64 characters (such as "code" or "summarize")'
+            )
+    dup = next((t for i, t in enumerate(names) if t in names[:i]), None)
     if dup is not None:
         raise ValueError(f"{dup!r} is listed twice")
     return names
@@ -833,6 +864,28 @@ def _check_whole(cfg: Config) -> None:
                     file, f"model[{i}].aliases[{j}]", f"{a!r} is already a model or alias name"
                 )
             names[a] = f"model[{i}].aliases[{j}]"
+    for i, m in enumerate(cfg.models):
+        # "task:..." names a task in a request: no model or alias may look like one.
+        for key, n in (
+            (f"model[{i}].name", m.name),
+            *((f"model[{i}].aliases[{j}]", a) for j, a in enumerate(m.aliases)),
+        ):
+            if n.startswith(TASK_PREFIX):
+                raise ConfigError(
+                    file, key, f"{n!r} starts with {TASK_PREFIX!r}, which names a task in requests"
+                )
+    owner: dict[str, int] = {}
+    for i, m in enumerate(cfg.models):
+        for j, t in enumerate(m.tasks):
+            if t in owner:
+                first = owner[t]
+                raise ConfigError(
+                    file,
+                    f"model[{i}].tasks[{j}]",
+                    f"task {t!r} is also model[{first}]'s ({cfg.models[first].name!r}): a "
+                    f"task names one model, and this is {m.name!r}",
+                )
+            owner[t] = i
 
 
 def _check_exposure(cfg: Config) -> None:

@@ -91,9 +91,13 @@ class Forwarder:
         t0: float,
         queued_s: float = 0.0,
         rewrite: Rewrite | None = None,
+        path: str | None = None,
+        upstream_error: Callable[[int, bytes], ProxyError] | None = None,
     ) -> web.StreamResponse:
         """Send the request to the child and stream its answer back (through `rewrite`, if
-        given: the length then changes, so the answer goes chunked)."""
+        given: the length then changes, so the answer goes chunked). `path`: the child's path,
+        if not the request's; `upstream_error`: what to answer instead of the child's error
+        (status >= 400), given its status and the start of its body."""
         headers = _pass_headers(request.headers, PRIVATE_HEADERS)
         if isinstance(data, Upload):
             headers["Content-Type"] = "application/json"
@@ -106,9 +110,13 @@ class Forwarder:
         resp: web.StreamResponse | None = None
         try:
             async with self._session.request(
-                request.method, child.url + request.path_qs, data=data, headers=headers
+                request.method, child.url + (path or request.path_qs), data=data, headers=headers
             ) as up:
                 status = up.status
+                if upstream_error is not None and status >= 400:
+                    err = upstream_error(status, await up.content.read(TAIL_BYTES))
+                    status = err.status
+                    raise err
                 ctype = up.headers.get("Content-Type", "")
                 streamed = "ndjson" in ctype or "event-stream" in ctype
                 resp = web.StreamResponse(status=up.status, reason=up.reason)

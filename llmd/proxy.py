@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from llmd import logs
+from llmd import infer, logs
 from llmd.answers import (
     BAD_BODY,
     ProxyError,
@@ -33,7 +33,7 @@ from llmd.bodies import (
     dump_json,
     parse_json,
 )
-from llmd.config import Config, normalize_model
+from llmd.config import TASK_PREFIX, Config, normalize_model
 from llmd.derived import Rewrite
 from llmd.forward import CLIENT_CLOSED, Forwarder, RecordFn, Upload, client_gone
 from llmd.lifecycle import Lifecycle
@@ -64,6 +64,11 @@ MAX_DURATION_S = (2**63 - 1) / 1e9
 # The request's key for when it arrived (time.monotonic()): waits for a child count from it.
 ARRIVED = "llmd.arrived"
 REQUEST_ID = "llmd.request_id"
+SERVED_BY = "llmd.served_by"  # the model a request's lease holds
+# A task for clients that cannot change a request's model field ([[model]] tasks).
+TASK_HEADER = "X-LLMD-Task"
+# Every answer a model gave names it (the model behind an alias or a task).
+MODEL_HEADER = "X-LLMD-Model"
 
 
 class Proxy:
@@ -119,6 +124,7 @@ class Proxy:
         # Routes that read a JSON body refuse an over-limit Expect: 100-continue up front.
         for path in NATIVE_INFERENCE + OPENAI_INFERENCE:
             r.add_post(path, self._inference, expect_handler=self._expect)
+        r.add_post(infer.PATH, self._infer, expect_handler=self._expect)
         for path in MODEL_ADMIN:
             method = "DELETE" if path == "/api/delete" else "POST"
             r.add_route(method, path, self._model_admin, expect_handler=self._expect)
@@ -226,9 +232,21 @@ class Proxy:
     # -- routing ----------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> str:
-        """An alias's model name, else the canonical form of the name."""
+        """A task's model ("task:code"), an alias's model, else the canonical form of the
+        name."""
+        if name.startswith(TASK_PREFIX):
+            return self.task_model(name.removeprefix(TASK_PREFIX))
         aliases = self.cfg.aliases()
         return aliases.get(name) or aliases.get(normalize_model(name)) or normalize_model(name)
+
+    def task_model(self, task: str) -> str:
+        """The model a task names ([[model]] tasks), else 404 listing the tasks there are."""
+        tasks = self.cfg.tasks()
+        model = tasks.get(task)
+        if model is None:
+            known = ", ".join(sorted(tasks)) if tasks else "none ([[model]] tasks)"
+            raise ProxyError(404, f"unknown task {task!r}: the configured tasks are {known}")
+        return model
 
     async def _read_json(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object, read within proxy.max_body_size and proxy.body_memory.
@@ -381,16 +399,69 @@ class Proxy:
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
         raw = body.get("model")
-        native = request.path.startswith("/api/")
-        if not isinstance(raw, str) or not raw.strip():
+        task = request.headers.get(TASK_HEADER)
+        if task is not None:
+            # For clients that cannot change the model field: the header wins over it.
+            raw = TASK_PREFIX + task.strip()
+        elif not isinstance(raw, str) or not raw.strip():
             # Nothing to load: the child answers as Ollama does (a 404 for '' on generate,
             # "model is required" on chat, Go's type error for a number...).
             return await self._without_model(request, body)
         name = self.resolve(raw)
         if name != normalize_model(raw):
-            body["model"] = name  # an alias: the child knows the model; else echo as sent
+            # An alias or a task: the child knows the model; else echo as sent.
+            body["model"] = name
+        native = request.path.startswith("/api/")
         if native and self._is_unload(request.path, body):
             return await self._unload(request, raw, name)
+        return await self._run(request, body, raw, name, native=native)
+
+    async def _infer(self, request: web.Request) -> web.StreamResponse:
+        """POST /infer, the task router's API (llmd.infer): its request and errors, Ollama's
+        /api/generate answer."""
+        try:
+            req = infer.parse(await self._read_json(request))
+        except infer.Invalid as e:
+            return json_response({"detail": e.errors}, status=422)
+        except ProxyError as e:
+            if e.status != 400:
+                raise
+            # FastAPI's answer to a body that is not JSON (the message says where).
+            bad = [{"type": "json_invalid", "loc": ["body"], "msg": e.message}]
+            return json_response({"detail": bad}, status=422)
+        name = self.task_model(req.task)
+        try:
+            return await self._run(
+                request,
+                infer.generate_body(req, name),
+                name,
+                name,
+                native=True,
+                path="/api/generate",
+                upstream_error=infer.upstream_error,
+            )
+        except ProxyError as e:
+            if e.status not in (404, 500):
+                raise  # llmd's own: 429 queue full, 503 unreachable or no room, ...
+            # What the router's Ollama answered itself (a model it lacks, a load that failed),
+            # to which the router said 502.
+            raise infer.upstream_error(
+                e.status, json.dumps({"error": e.message}).encode()
+            ) from None
+
+    async def _run(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        raw: str,
+        name: str,
+        *,
+        native: bool,
+        path: str | None = None,
+        upstream_error: Callable[[int, bytes], ProxyError] | None = None,
+    ) -> web.StreamResponse:
+        """A request for model `name` (asked for as `raw`): its turn in the queue, a lease on
+        the model (loading it if cold), and the child's answer."""
         children = await self._copies(name, request, raw)
         if native:
             # llmd owns keep-alive: a client's value must not shorten (or pin) the model.
@@ -417,8 +488,17 @@ class Proxy:
                 # Made before a load, so that the parsed body is freed while the load runs.
                 data = Upload(self._dump(body), self._holds.get(_task()))
                 async with self.lifecycle.lease(name, child, options) as lease:
+                    request[SERVED_BY] = lease.model.name  # the X-LLMD-Model header (_tag)
                     resp = await self._forwarder.forward(
-                        request, lease.child, data, lease, t0, queued_s=queued_s, rewrite=rewrite
+                        request,
+                        lease.child,
+                        data,
+                        lease,
+                        t0,
+                        queued_s=queued_s,
+                        rewrite=rewrite,
+                        path=path,
+                        upstream_error=upstream_error,
                     )
                     if rewrite is not None and resp.status == 404 and isinstance(to, str):
                         self.lifecycle.derived.forget(lease.child.name, to)  # removed there
@@ -525,6 +605,9 @@ async def _tag(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers[logs.HEADER] = rid
+    served = request.get(SERVED_BY)
+    if served is not None:
+        response.headers[MODEL_HEADER] = served
 
 
 def _arrived(request: web.Request) -> float:

@@ -164,6 +164,25 @@ def test_reference_config_documents_every_field() -> None:
         ('[proxy]\nidle_timeout = "0s"', "proxy.idle_timeout", "positive"),
         ('[proxy]\nheader_timeout = "soon"', "proxy.header_timeout", "duration"),
         ("[proxy]\nbody_timeout = -1", "proxy.body_timeout", "positive"),
+        ('[proxy]\nopen_metrics = "yes"', "proxy.open_metrics", "true or"),
+        # A task names one model: the second claim names both models.
+        (
+            '[[model]]\nname = "a:7b"\ntasks = ["code"]\n'
+            '[[model]]\nname = "b:7b"\ntasks = ["chat", "code"]',
+            "model[1].tasks[1]",
+            "task 'code' is also model[0]'s ('a:7b'): a task names one model, and this is 'b:7b'",
+        ),
+        ('[[model]]\nname = "a"\ntasks = ["code", "code"]', "model[0].tasks", "listed twice"),
+        ('[[model]]\nname = "a"\ntasks = ["my task"]', "model[0].tasks", "not a task name"),
+        ('[[model]]\nname = "a"\ntasks = [""]', "model[0].tasks", "not a task name"),
+        ('[[model]]\nname = "a"\ntasks = "code"', "model[0].tasks", "list"),
+        # "task:..." in a request names a task: no model or alias may be spelled so.
+        ('[[model]]\nname = "task:code"', "model[0].name", "names a task in requests"),
+        (
+            '[[model]]\nname = "a"\naliases = ["task:x"]',
+            "model[0].aliases[0]",
+            "names a task in requests",
+        ),
     ],
 )
 def test_invalid_config_names_key(tmp_path: Path, toml: str, key: str, why: str) -> None:
@@ -373,6 +392,7 @@ log_level = "debug"
 shutdown_timeout = 2.5
 [proxy]
 listen = "0.0.0.0:8080"
+open_metrics = true
 api_keys = ["admin-key-1"]
 inference_keys = ["app-key-1", "app-key-2"]
 max_body_size = 1000
@@ -403,6 +423,7 @@ probe_failures = 5
 name = "phi3"
 backend = "b"
 aliases = ["chat", "small"]
+tasks = ["chat", "summarize"]
 keep_alive = "30m"
 priority = 0
 pin = true
@@ -512,6 +533,7 @@ def test_to_dict_leaves_out_unset_model_and_backend_keys(tmp_path: Path) -> None
             "pin": False,
             "preload": False,
             "aliases": [],
+            "tasks": [],
             "preempt": False,
             "allow_cpu_spill": False,
             "options": {},
