@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from contention import TaskModel, pct  # noqa: E402
-from llmdproc import Llmd, cleanup, make_llmd  # noqa: E402
+from llmdproc import Llmd, cleanup, make_llmd, scrape  # noqa: E402
 from simproc import write_catalog  # noqa: E402
 
 NODES = 3
@@ -231,8 +231,7 @@ async def send(
     eps = list(c.eps)
     node = choose(eps, req.model)
     holders = [i for i, e in enumerate(eps) if req.model in e.active]
-    body = {"model": req.model, "prompt": "hello", "stream": False}
-    body["options"] = {"num_predict": 32}
+    body = {"model": req.model, "prompt": "hello", "stream": False, "options": {"num_predict": 32}}
     start = time.monotonic()
     try:
         async with s.post(
@@ -249,14 +248,8 @@ async def send(
 
 def loads(d: Llmd) -> int:
     """Model loads the node has done (llmd_model_events_total{event="load"})."""
-    import urllib.request
-
-    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(
-        int(float(v))
-        for v in re.findall(r'^llmd_model_events_total\{event="load",[^}]*\} (\S+)$', text, re.M)
-    )
+    load = 'llmd_model_events_total{event="load",'
+    return int(sum(v for k, v in scrape(d).items() if k.startswith(load)))
 
 
 async def drive(

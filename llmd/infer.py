@@ -89,12 +89,18 @@ def generate_body(req: InferRequest, model: str) -> dict[str, Any]:
 
 
 def upstream_error(status: int, text: bytes) -> ProxyError:
-    """502 for an error Ollama answered, with its status (and its message) in the detail."""
-    why = ""
+    """502 for an error a child answered: its status and, from its body, its message."""
+    message = None
     try:
         doc = json.loads(text)
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-            why = f": {doc['error']}"
+            message = doc["error"]
     except ValueError:
         pass
+    return answered(status, message)
+
+
+def answered(status: int, message: str | None) -> ProxyError:
+    """502 for an error Ollama answered, with its status (and its message) in the detail."""
+    why = f": {message}" if message else ""
     return ProxyError(502, f"upstream error: Ollama answered {status}{why}")

@@ -445,9 +445,7 @@ class Proxy:
                 raise  # llmd's own: 429 queue full, 503 unreachable or no room, ...
             # What the router's Ollama answered itself (a model it lacks, a load that failed),
             # to which the router said 502.
-            raise infer.upstream_error(
-                e.status, json.dumps({"error": e.message}).encode()
-            ) from None
+            raise infer.answered(e.status, e.message) from None
 
     async def _run(
         self,
